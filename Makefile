@@ -1,0 +1,32 @@
+# Two entry points: `make demo` and `make test`. Both create or refresh .venv themselves.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export KERAS_BACKEND := torch
+
+.PHONY: venv demo test test-fast bench clean
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test,lite,ray]"
+	@# animal-mnist's declared dependencies pull in TensorFlow; it needs none of them here.
+	$(PY) -m pip install -q --no-deps animal-mnist
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) data/prepare_animal_mnist.py --out data/animal_mnist
+	$(VENV)/bin/pipeline run --images data/animal_mnist --workdir work/demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+bench: $(STAMP)
+	$(PY) bench/make_images.py --out bench/images
+	$(PY) bench/stage1.py --images bench/images/small
+
+clean:
+	rm -rf work bench/images

@@ -1,0 +1,286 @@
+"""Reading and writing feature shards, on local disk or any filesystem pyarrow speaks.
+
+Writes are atomic: a shard is written under a hidden temporary name, flushed to disk and then
+renamed, so a reader (or a rerun after ``kill -9``) sees either the whole shard or nothing.
+Reads turn the ``feature`` column into one contiguous float32 matrix without per-row Python.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import uuid
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from shardformat.schema import (
+    INDEX_COLUMNS,
+    METADATA_KEY,
+    SHARD_PREFIX,
+    IncompatibleShardsError,
+    ShardFormatError,
+    ShardMetadata,
+    shard_schema,
+)
+
+TMP_PREFIX = ".tmp-"
+
+
+def resolve(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """Map a local path or a URI (``file://``, ``s3://``, ``gs://``, ``hdfs://``) to (filesystem, path)."""
+    text = os.fspath(location)
+    if "://" in text:
+        fs, path = pafs.FileSystem.from_uri(text)
+        return fs, path.rstrip("/") or "/"
+    return pafs.LocalFileSystem(), str(Path(text).expanduser().resolve())
+
+
+def _is_local(fs: pafs.FileSystem) -> bool:
+    return isinstance(fs, pafs.LocalFileSystem)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compression: str = "zstd") -> None:
+    """Write ``table`` as Parquet to ``path`` so that ``path`` is either absent or complete.
+
+    On a local disk: temporary name in the same folder, fsync, rename, fsync of the folder. On
+    object stores a single PUT is already all-or-nothing, so the temporary name is skipped there.
+    A failure (disk full, permission) removes the temporary file and re-raises.
+    """
+    parent, name = path.rsplit("/", 1)
+    if _is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        try:
+            with open(tmp, "wb") as fh:
+                pq.write_table(table, fh, compression=compression)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        _fsync_dir(parent)
+        return
+    fs.create_dir(parent, recursive=True)
+    if isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
+        with fs.open_output_stream(path) as out:
+            pq.write_table(table, out, compression=compression)
+        return
+    tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    try:
+        with fs.open_output_stream(tmp) as out:
+            pq.write_table(table, out, compression=compression)
+        fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_shard(
+    directory: str | os.PathLike,
+    name: str,
+    meta: ShardMetadata,
+    *,
+    paths: Sequence[str],
+    labels: Sequence[str | None],
+    content_ids: Sequence[str],
+    file_sizes: Sequence[int],
+    mtimes_ns: Sequence[int],
+    features: np.ndarray,
+) -> str:
+    """Atomically write one shard ``directory/name`` and return its full path."""
+    if not name.startswith(SHARD_PREFIX) or not name.endswith(".parquet"):
+        raise ValueError(f"shard names must look like '{SHARD_PREFIX}*.parquet', got {name!r}")
+    features = np.ascontiguousarray(features, dtype=np.float16 if meta.feature_dtype == "float16" else np.float32)
+    n = len(paths)
+    if features.shape != (n, meta.feature_dim):
+        raise ValueError(f"features have shape {features.shape}, expected ({n}, {meta.feature_dim})")
+    schema = shard_schema(meta)
+    feature_type = schema.field("feature").type
+    flat = pa.array(features.reshape(-1), type=feature_type.value_type)
+    table = pa.table(
+        [
+            pa.array(list(paths), pa.string()),
+            pa.array(list(labels), pa.string()),
+            pa.array(list(content_ids), pa.string()),
+            pa.array(np.asarray(file_sizes, dtype=np.int64)),
+            pa.array(np.asarray(mtimes_ns, dtype=np.int64)),
+            pa.FixedSizeListArray.from_arrays(flat, type=feature_type),
+        ],
+        schema=schema,
+    )
+    fs, root = resolve(directory)
+    full = f"{root}/{name}"
+    atomic_write_table(table, fs, full)
+    return full
+
+
+def list_shards(directory: str | os.PathLike) -> list[str]:
+    """Full paths of the finished shards in ``directory``, sorted by name (= by write order)."""
+    fs, root = resolve(directory)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return []
+    if info.type != pafs.FileType.Directory:
+        raise ShardFormatError(f"{directory} is not a directory of shards")
+    selector = pafs.FileSelector(root, recursive=False)
+    names = [
+        i.path
+        for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File
+        and i.base_name.startswith(SHARD_PREFIX)
+        and i.base_name.endswith(".parquet")
+    ]
+    return sorted(names)
+
+
+def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(fs.open_input_file(path))
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise ShardFormatError(f"{path}: not a readable Parquet shard ({exc})") from None
+
+
+def _meta_of(schema: pa.Schema, where: str) -> ShardMetadata:
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise ShardFormatError(
+            f"{where}: no '{METADATA_KEY.decode()}' schema metadata: this Parquet file was not written by stage1-extract"
+        )
+    try:
+        meta = ShardMetadata.from_json(raw)
+    except ShardFormatError as exc:
+        raise ShardFormatError(f"{where}: {exc}") from None
+    expected = shard_schema(meta)
+    for field in expected:
+        if field.name not in schema.names or schema.field(field.name).type != field.type:
+            got = schema.field(field.name).type if field.name in schema.names else "missing"
+            raise ShardFormatError(f"{where}: column {field.name!r} should be {field.type}, found {got}")
+    return meta
+
+
+def read_metadata(path: str | os.PathLike) -> ShardMetadata:
+    """The validated metadata of one shard file."""
+    fs, full = resolve(path)
+    return _meta_of(_open(fs, full).schema_arrow, full)
+
+
+def _check_compatible(metas: Iterable[tuple[str, ShardMetadata]]) -> ShardMetadata | None:
+    first: tuple[str, ShardMetadata] | None = None
+    for where, meta in metas:
+        if first is None:
+            first = (where, meta)
+        elif meta.compatibility_key() != first[1].compatibility_key():
+            raise IncompatibleShardsError(
+                "shards were made differently and cannot be mixed:\n"
+                f"  {first[0]}: {first[1].describe()} preprocessing={first[1].preprocessing}\n"
+                f"  {where}: {meta.describe()} preprocessing={meta.preprocessing}\n"
+                "Extract each backbone into its own output directory."
+            )
+    return None if first is None else first[1]
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    """All rows of a shard directory: vectors as one (n, dim) float32 matrix plus per-row columns."""
+
+    paths: np.ndarray  # object array of str
+    labels: np.ndarray  # object array of str or None
+    content_ids: np.ndarray
+    features: np.ndarray  # (n, dim) float32
+    metadata: ShardMetadata | None
+    shard_files: list[str]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _feature_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
+    if column.num_chunks == 0 or len(column) == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    parts = []
+    for chunk in column.chunks:
+        values = chunk.flatten() if chunk.offset else chunk.values
+        parts.append(values.to_numpy(zero_copy_only=False).reshape(-1, dim))
+    mat = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return np.ascontiguousarray(mat, dtype=np.float32)
+
+
+def _read_tables(directory, columns: list[str] | None) -> tuple[list[pa.Table], list[str], ShardMetadata | None]:
+    fs, _ = resolve(directory)
+    files = list_shards(directory)
+    tables, metas = [], []
+    for path in files:
+        pf = _open(fs, path)
+        metas.append((path, _meta_of(pf.schema_arrow, path)))
+        tables.append(pf.read(columns=columns, use_threads=True))
+    meta = _check_compatible(metas)
+    return tables, files, meta
+
+
+def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None = None) -> FeatureSet:
+    """Load every shard in ``directory`` (local path or URI) into memory.
+
+    Every shard's schema and metadata are validated, shards made with different backbones,
+    weights or preprocessing are refused (:class:`IncompatibleShardsError`), and with ``expect``
+    the shards must also match that metadata (e.g. the one a trained model was made on).
+    """
+    tables, files, meta = _read_tables(directory, None)
+    if expect is not None and meta is not None and meta.compatibility_key() != expect.compatibility_key():
+        raise IncompatibleShardsError(
+            f"shards in {directory} ({meta.describe()}) were not made like the expected ones "
+            f"({expect.describe()}): extract these images again with backbone {expect.backbone!r}"
+        )
+    dim = meta.feature_dim if meta else 0
+    if not tables:
+        return FeatureSet(
+            np.array([], dtype=object), np.array([], dtype=object), np.array([], dtype=object),
+            np.zeros((0, dim), np.float32), meta, files,
+        )
+    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
+    return FeatureSet(
+        paths=np.asarray(table.column("path").to_pylist(), dtype=object),
+        labels=np.asarray(table.column("label").to_pylist(), dtype=object),
+        content_ids=np.asarray(table.column("content_id").to_pylist(), dtype=object),
+        features=_feature_matrix(table.column("feature"), dim),
+        metadata=meta,
+        shard_files=files,
+    )
+
+
+def read_index(directory: str | os.PathLike) -> tuple[pa.Table, ShardMetadata | None]:
+    """The non-feature columns of every shard plus a ``shard`` column naming its file (for incremental runs)."""
+    tables, files, meta = _read_tables(directory, INDEX_COLUMNS)
+    parts = [
+        t.replace_schema_metadata(None).append_column("shard", pa.array([f] * t.num_rows, pa.string()))
+        for t, f in zip(tables, files)
+    ]
+    if not parts:
+        empty = pa.schema([(c, pa.string()) for c in ("path", "label", "content_id")]
+                          + [("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("shard", pa.string())])
+        return empty.empty_table(), meta
+    return pa.concat_tables(parts), meta
