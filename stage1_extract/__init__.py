@@ -1,0 +1,23 @@
+"""Stage 1: a pretrained ImageNet backbone, exported to ONNX and run with ONNX Runtime, turns images into
+pooled feature vectors stored as Parquet shards (format: ``docs/shard-format.md``).
+
+Public API::
+
+    from stage1_extract import extract, list_backbones
+    summary = extract("images/", "features/", backbone="efficientnet_lite0")
+    print(summary.format())
+"""
+
+from stage1_extract.backbones import DEFAULT_BACKBONE, WeightsUnavailableError, get_backbone, list_backbones
+from stage1_extract.extract import ExtractSummary, StrictModeError, extract, prepare_model
+
+__all__ = [
+    "DEFAULT_BACKBONE",
+    "ExtractSummary",
+    "StrictModeError",
+    "WeightsUnavailableError",
+    "extract",
+    "get_backbone",
+    "list_backbones",
+    "prepare_model",
+]

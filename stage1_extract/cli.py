@@ -1,0 +1,86 @@
+"""``stage1-extract``: command-line front end of :func:`stage1_extract.extract` (heavy imports stay inside main)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _triple(text: str) -> tuple[float, float, float]:
+    parts = [float(p) for p in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError("give three comma-separated numbers, e.g. 0.485,0.456,0.406")
+    return tuple(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="stage1-extract",
+        description="Extract pooled ImageNet-backbone features for a collection of images into Parquet shards. "
+        "Reruns are incremental: only new or changed images are processed.",
+        epilog="Examples:\n"
+        "  stage1-extract --images data/animal_mnist --out work/features\n"
+        "  stage1-extract --images photos.csv --out feats --backbone resnet50 --provider cuda --precision fp16\n"
+        "  stage1-extract --images imgs --out feats --onnx my_model.onnx --input-size 224\n"
+        "  stage1-extract --list-backbones",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--images", help="class-folder tree (folder = label), flat folder, or CSV/Parquet list with 'path' [and 'label']")
+    p.add_argument("--out", help="output directory for the shards (created if needed)")
+    p.add_argument("--backbone", default=None, help="registry name (default efficientnet_lite0; see --list-backbones)")
+    p.add_argument("--weights", default=None, help="state_dict file for the backbone (torch.load weights_only)")
+    p.add_argument("--onnx", default=None, help="bring your own ONNX model (N×3×H×W float input) instead of --backbone")
+    p.add_argument("--input-size", type=int, default=None, help="--onnx: square input size (read from the model if fixed)")
+    p.add_argument("--resize", type=int, default=None, help="--onnx: shorter side before centre crop (default input/0.875)")
+    p.add_argument("--mean", type=_triple, default=None, help="--onnx: RGB mean on the 0–1 scale (default ImageNet)")
+    p.add_argument("--std", type=_triple, default=None, help="--onnx: RGB std on the 0–1 scale (default ImageNet)")
+    p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos"], default=None,
+                   help="--onnx: resize filter (default bilinear)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default 32 on CPU, 256 on GPU)")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto",
+                   help="ONNX Runtime execution provider (auto: CUDA when a GPU is usable)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="fp16 is for GPUs")
+    p.add_argument("--workers", type=int, default=None, help="decode worker processes (default: by provider and cores)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument("--shard-size", type=int, default=2048, help="rows per Parquet shard (default 2048)")
+    p.add_argument("--draft", action="store_true", help="fast JPEG draft decoding for images ≥2× the needed size")
+    p.add_argument("--strict", action="store_true", help="stop with a non-zero exit at the first bad image")
+    p.add_argument("--engine", choices=["local"], default="local", help="where to run (local processes)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--list-backbones", action="store_true", help="list the registry and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.list_backbones:
+        from stage1_extract.backbones import list_backbones
+
+        for spec in list_backbones():
+            prep = spec.preprocessing
+            print(f"{spec.name:20s} {spec.feature_dim:5d}-d  {prep.input_size}px  {spec.description}")
+        return 0
+    if not args.images or not args.out:
+        build_parser().error("--images and --out are required")
+    if args.onnx and args.backbone:
+        build_parser().error("give either --backbone or --onnx, not both")
+    from stage1_extract import extract
+
+    try:
+        summary = extract(
+            args.images, args.out, backbone=args.backbone, weights=args.weights, onnx=args.onnx,
+            input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
+            interpolation=args.interpolation, batch_size=args.batch_size, provider=args.provider,
+            precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
+            shard_size=args.shard_size, draft=args.draft, progress=not args.no_progress,
+        )
+    except KeyboardInterrupt:
+        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"stage1-extract: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary.as_dict(), indent=1) if args.json else summary.format())
+    return 0

@@ -1,0 +1,284 @@
+"""The stage-1 runner: list → plan → decode (workers) → ONNX Runtime → shards, with a summary.
+
+Each part is its own module (sources, plan, loader, session, writer); this one only wires them and
+times them, so the report shows at once which part is the wall.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import glob
+import logging
+import os
+import platform
+import sys
+import time
+from typing import Any
+
+import numpy as np
+
+from shardformat import IncompatibleShardsError, ShardMetadata, read_index, resolve
+from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
+from stage1_extract.lock import OutputLock
+from stage1_extract.plan import compact, make_plan
+from stage1_extract.sources import list_images
+from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
+
+log = logging.getLogger(__name__)
+SUMMARY_FILE = "_run.json"
+
+
+class StrictModeError(RuntimeError):
+    """``strict=True`` and an input could not be used."""
+
+
+@dataclasses.dataclass
+class ExtractSummary:
+    out: str
+    backbone: str
+    provider: str
+    listed: int = 0
+    extracted: int = 0
+    already_done: int = 0
+    errors_new: int = 0
+    errors_known: int = 0
+    removed_rows: int = 0
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    empty_classes: list[str] = dataclasses.field(default_factory=list)
+    shards_written: int = 0
+
+    @property
+    def errors(self) -> int:
+        return self.errors_new + self.errors_known
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "errors": self.errors}
+
+    def format(self) -> str:
+        t = self.timings
+        lines = [
+            f"stage 1 done: {self.out}",
+            f"  backbone {self.backbone} on {self.provider}",
+            f"  listed {self.listed} · extracted {self.extracted} · already done {self.already_done} · "
+            f"errors {self.errors} ({self.errors_new} new, {self.errors_known} known)"
+            + (f" · removed {self.removed_rows} stale rows" if self.removed_rows else ""),
+        ]
+        if self.extracted:
+            lines.append(
+                f"  {self.images_per_second:.1f} img/s over {self.seconds:.1f}s "
+                f"(waiting for decode {t.get('wait_decode', 0):.1f}s, inference {t.get('infer', 0):.1f}s, "
+                f"shard writes {t.get('write', 0):.1f}s in background)"
+            )
+        if self.errors:
+            lines.append(f"  see {os.path.join(self.out, '_errors.parquet')} for the failed files and why")
+        if self.empty_classes:
+            lines.append(f"  empty class folders (ignored): {', '.join(self.empty_classes)}")
+        return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("onnxruntime-gpu", "onnxruntime", "onnx", "torch", "torchvision", "timm", "numpy", "pyarrow",
+                 "pillow", "hybrid-transfer"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def shard_metadata(model: ExtractorModel) -> ShardMetadata:
+    return ShardMetadata(
+        backbone=model.backbone,
+        weights_id=model.weights_id,
+        onnx_sha256=model.onnx_sha256,
+        preprocessing=model.preprocessing.to_dict(),
+        feature_dim=model.feature_dim,
+        precision=model.precision,
+        versions=_versions(),
+    )
+
+
+def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
+                  input_size=None, resize=None, mean=None, std=None, interpolation=None) -> ExtractorModel:
+    """The ONNX extractor for a registry backbone (exported and cached) or for a user's ONNX file."""
+    if onnx is not None:
+        kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
+                                        interpolation=interpolation).items() if v is not None}
+        return wrap_user_onnx(onnx, **kwargs)
+    from stage1_extract.backbones import DEFAULT_BACKBONE
+
+    return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision)
+
+
+def _cpu_count() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def default_workers(on_gpu: bool) -> int:
+    """On CPU the model needs ~8× the time decode does, so one decode worker per 4 cores is enough."""
+    cores = _cpu_count()
+    return max(1, cores - 1) if on_gpu else max(1, cores // 4)
+
+
+def _clean_temporaries(out: str) -> None:
+    if "://" not in out:
+        for tmp in glob.glob(os.path.join(out, ".tmp-*")):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="img", desc="extracting", disable=not enabled, dynamic_ncols=True,
+                smoothing=0.1, file=sys.stderr)
+
+
+def extract(
+    images: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    weights: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    input_size: int | None = None,
+    resize: int | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+    interpolation: str | None = None,
+    batch_size: int | None = None,
+    provider: str = "auto",
+    precision: str = "fp32",
+    workers: int | None = None,
+    threads: int | None = None,
+    strict: bool = False,
+    shard_size: int = 2048,
+    draft: bool = False,
+    progress: bool = True,
+) -> ExtractSummary:
+    """Extract pooled features for every image under ``images`` into Parquet shards in ``out``.
+
+    Incremental and resumable: images already in ``out`` (unchanged) are skipped, changed ones are
+    re-extracted, removed ones are dropped from the shards. Bad images are recorded in
+    ``out/_errors.parquet`` and the run goes on, unless ``strict``.
+    """
+    from stage1_extract.loader import DecodePool
+    from stage1_extract.session import FeatureSession, wants_gpu
+
+    t_start = time.perf_counter()
+    out = os.fspath(out)
+    if "://" not in out:
+        out = os.path.abspath(out)
+    model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
+                          resize=resize, mean=mean, std=std, interpolation=interpolation)
+    meta = shard_metadata(model)
+    listing = list_images(images)
+    with OutputLock(out) if "://" not in out else _nullcontext():
+        _clean_temporaries(out)
+        index, existing = read_index(out)
+        if existing is not None and existing.compatibility_key() != meta.compatibility_key():
+            raise IncompatibleShardsError(
+                f"{out} already holds shards made with {existing.describe()}; this run uses "
+                f"{meta.describe()}. Use a separate --out for each backbone."
+            )
+        plan = make_plan(listing.records, index, read_errors(out))
+        listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
+        summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
+                                 already_done=plan.done, errors_known=len(plan.known_errors),
+                                 empty_classes=listing.empty_classes)
+        if strict and (listing_errors or plan.known_errors):
+            first = (listing_errors or plan.known_errors)[0]
+            write_errors(out, listing_errors + plan.known_errors)
+            raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+        new_errors: list[dict] = []
+        timings = {"wait_decode": 0.0, "infer": 0.0, "write": 0.0, "decode_worker": 0.0}
+        if plan.todo:
+            # Bigger batches pay off only on a GPU; on a CPU they only cost memory.
+            bs = batch_size or (256 if wants_gpu(provider) else 32)
+            session = FeatureSession(model.onnx_path, provider=provider, input_size=model.preprocessing.input_size,
+                                     batch_size=bs, threads=threads)
+            summary.provider = session.provider
+            n_workers = workers or default_workers(session.on_gpu)
+            todo = plan.todo
+            writer = ShardWriter(out, meta, shard_size=shard_size, stamp=run_stamp())
+            bar = _progress(len(todo), progress)
+            t_loop = time.perf_counter()
+            try:
+                with DecodePool(model.preprocessing, batch_size=session.batch_size, workers=n_workers,
+                                draft=draft) as pool:
+                    t_wait = time.perf_counter()
+                    for batch in pool.run([r.abspath for r in todo]):
+                        timings["wait_decode"] += time.perf_counter() - t_wait
+                        timings["decode_worker"] += batch.decode_seconds
+                        ok = [it for it in batch.items if it.row >= 0]
+                        for it in batch.items:
+                            if it.row < 0:
+                                new_errors.append({"path": todo[it.index].path, "reason": it.reason,
+                                                   "content_id": it.content_id, "file_size": it.file_size,
+                                                   "mtime_ns": it.mtime_ns})
+                        if strict and new_errors:
+                            break
+                        if ok:
+                            t0 = time.perf_counter()
+                            feats = session.run(batch.pixels, len(ok))
+                            timings["infer"] += time.perf_counter() - t0
+                            recs = [todo[it.index] for it in ok]
+                            if not np.isfinite(feats).all():
+                                bad = ~np.isfinite(feats).all(axis=1)
+                                raise FloatingPointError(
+                                    f"the model produced non-finite features for {int(bad.sum())} image(s), "
+                                    f"e.g. {recs[int(np.argmax(bad))].path}"
+                                )
+                            writer.add([r.path for r in recs], [r.label for r in recs],
+                                       [it.content_id for it in ok], [it.file_size for it in ok],
+                                       [it.mtime_ns for it in ok], feats)
+                        bar.update(len(batch.items))
+                        bar.set_postfix(errors=len(new_errors), refresh=False)
+                        t_wait = time.perf_counter()
+                writer.close()
+            except BaseException:
+                writer.abort()
+                # Record what failed so far; finished shards are already safe on disk.
+                write_errors(out, listing_errors + plan.known_errors + new_errors)
+                raise
+            finally:
+                bar.close()
+            loop_seconds = time.perf_counter() - t_loop
+            timings["write"] = writer.write_seconds
+            summary.extracted = writer.written_rows
+            summary.shards_written = len(writer.shards)
+            summary.seconds = loop_seconds
+            summary.images_per_second = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
+        summary.errors_new = len(new_errors) + len(listing_errors)
+        write_errors(out, listing_errors + plan.known_errors + new_errors)
+        if strict and new_errors:
+            first = new_errors[0]
+            raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+        summary.removed_rows = compact(plan)
+        summary.timings = {k: round(v, 3) for k, v in timings.items()}
+        write_json(out, SUMMARY_FILE, {
+            **summary.as_dict(),
+            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "total_seconds": round(time.perf_counter() - t_start, 3),
+            "shard_metadata": meta.to_json(),
+        })
+    return summary
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None

@@ -1,0 +1,185 @@
+"""Listing the input: a class-folder tree, a flat folder, or a CSV/Parquet file list.
+
+Produces one :class:`ImageRecord` per candidate file, sorted by path, plus the problems found while
+listing (broken links, undecodable names, files that are not images) so they reach the errors table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+IMAGE_EXTENSIONS = {
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    path: str  # relative to the input root, POSIX separators: the key in every shard
+    abspath: str
+    label: str | None
+
+
+@dataclasses.dataclass
+class Listing:
+    root: str
+    layout: str  # "class-folders", "flat" or "file-list"
+    records: list[ImageRecord]
+    problems: list[tuple[str, str]]  # (path, reason)
+    empty_classes: list[str]
+    ignored: int = 0  # hidden files
+
+
+def _printable(name: str) -> str | None:
+    """A file name as valid UTF-8, or None when the OS name cannot be represented (bad bytes)."""
+    try:
+        name.encode("utf-8")
+        return name
+    except UnicodeEncodeError:
+        return None
+
+
+def _walk_files(top: Path, rel_prefix: str, problems: list, seen: set) -> list[tuple[str, str]]:
+    """Files below ``top`` as (relative path, absolute path); follows directory links once, survives loops."""
+    out: list[tuple[str, str]] = []
+    try:
+        st = top.stat()
+    except OSError as exc:
+        problems.append((rel_prefix or ".", f"cannot open folder: {exc.strerror or exc}"))
+        return out
+    key = (st.st_dev, st.st_ino)
+    if key in seen:
+        problems.append((rel_prefix, "skipped: symbolic link loop"))
+        return out
+    seen.add(key)
+    try:
+        entries = sorted(os.scandir(top), key=lambda e: e.name)
+    except OSError as exc:
+        problems.append((rel_prefix or ".", f"cannot list folder: {exc.strerror or exc}"))
+        return out
+    for entry in entries:
+        name = _printable(entry.name)
+        rel = f"{rel_prefix}/{entry.name}" if rel_prefix else entry.name
+        if entry.name.startswith("."):
+            continue
+        if name is None:
+            problems.append((rel.encode("utf-8", "backslashreplace").decode(), "file name is not valid UTF-8"))
+            continue
+        try:
+            is_dir = entry.is_dir(follow_symlinks=True)
+        except OSError as exc:
+            problems.append((rel, f"cannot stat: {exc.strerror or exc}"))
+            continue
+        if is_dir:
+            out.extend(_walk_files(Path(entry.path), rel, problems, seen))
+            continue
+        try:
+            is_file = entry.is_file(follow_symlinks=True)
+        except OSError as exc:
+            is_file, err = False, exc
+        else:
+            err = None
+        if not is_file:
+            reason = "broken symbolic link" if entry.is_symlink() else "not a regular file"
+            if err is not None and getattr(err, "errno", None) == 40:
+                reason = "skipped: symbolic link loop"
+            problems.append((rel, reason))
+            continue
+        out.append((rel, entry.path))
+    return out
+
+
+def _split_images(files, problems) -> list[tuple[str, str]]:
+    kept = []
+    for rel, abspath in files:
+        ext = os.path.splitext(rel)[1].lower()
+        if ext in IMAGE_EXTENSIONS:
+            kept.append((rel, abspath))
+        else:
+            problems.append((rel, f"skipped: extension {ext or '(none)'!r} is not an image type"))
+    return kept
+
+
+def list_images(images: str | os.PathLike) -> Listing:
+    """List the input. A folder with sub-folders is a class-folder tree (folder name = label)."""
+    root = Path(images).expanduser()
+    if root.is_file():
+        return _list_file(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--images {root}: no such file or folder")
+    root = root.resolve()
+    problems: list[tuple[str, str]] = []
+    seen: set = set()
+    top_entries = sorted(os.scandir(root), key=lambda e: e.name)
+    class_dirs = [e for e in top_entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
+    records: list[ImageRecord] = []
+    empty: list[str] = []
+    if class_dirs:
+        seen.add((root.stat().st_dev, root.stat().st_ino))
+        for entry in top_entries:
+            if entry.name.startswith(".") or entry in class_dirs:
+                continue
+            problems.append((entry.name, "skipped: file at the top of a class-folder tree has no class"))
+        for d in class_dirs:
+            label = _printable(d.name)
+            if label is None:
+                problems.append((d.name.encode("utf-8", "backslashreplace").decode(), "folder name is not valid UTF-8"))
+                continue
+            files = _split_images(_walk_files(Path(d.path), d.name, problems, seen), problems)
+            if not files:
+                empty.append(label)
+            records += [ImageRecord(rel, abspath, label) for rel, abspath in files]
+        layout = "class-folders"
+    else:
+        files = _split_images(_walk_files(root, "", problems, seen), problems)
+        records = [ImageRecord(rel, abspath, None) for rel, abspath in files]
+        layout = "flat"
+    records.sort(key=lambda r: r.path)
+    return Listing(str(root), layout, records, problems, empty)
+
+
+def _list_file(path: Path) -> Listing:
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            table = pq.read_table(path)
+        elif suffix in (".csv", ".tsv", ".txt"):
+            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
+            conv = pacsv.ConvertOptions(column_types={"path": "string", "label": "string"})
+            table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
+        else:
+            raise ValueError(f"--images {path}: a file list must be .csv, .tsv or .parquet")
+    except (OSError, ValueError) as exc:
+        if isinstance(exc, ValueError) and str(exc).startswith("--images"):
+            raise
+        raise ValueError(f"--images {path}: cannot read the file list: {exc}") from None
+    if "path" not in table.column_names:
+        raise ValueError(f"--images {path}: the file list needs a 'path' column (found {table.column_names})")
+    paths = table.column("path").to_pylist()
+    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
+    base = path.parent.resolve()
+    records, problems, seen_paths = [], [], set()
+    for p, label in zip(paths, labels):
+        if p is None or p == "":
+            problems.append(("(empty)", "file list row with an empty path"))
+            continue
+        if p in seen_paths:
+            problems.append((p, "listed more than once; kept the first"))
+            continue
+        seen_paths.add(p)
+        abspath = p if os.path.isabs(p) else str(base / p)
+        if os.path.isdir(abspath):
+            problems.append((p, "is a directory"))
+            continue
+        if not os.path.exists(abspath):
+            problems.append((p, "listed file does not exist" if not os.path.islink(abspath) else "broken symbolic link"))
+            continue
+        records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label)))
+    records.sort(key=lambda r: r.path)
+    return Listing(str(base), "file-list", records, problems, [])
