@@ -192,10 +192,13 @@ def extract(
                 f"{out} already holds shards made with {existing.describe()}; this run uses "
                 f"{meta.describe()}. Use a separate --out for each backbone."
             )
-        plan = make_plan(listing.records, index, read_errors(out))
+        previous_errors = read_errors(out)
+        plan = make_plan(listing.records, index, previous_errors)
         listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
+        seen_before = {e["path"] for e in previous_errors}
+        listing_known = sum(e["path"] in seen_before for e in listing_errors)
         summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
-                                 already_done=plan.done, errors_known=len(plan.known_errors),
+                                 already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
                                  empty_classes=listing.empty_classes)
         if strict and (listing_errors or plan.known_errors):
             first = (listing_errors or plan.known_errors)[0]
@@ -260,7 +263,7 @@ def extract(
             summary.shards_written = len(writer.shards)
             summary.seconds = loop_seconds
             summary.images_per_second = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
-        summary.errors_new = len(new_errors) + len(listing_errors)
+        summary.errors_new = len(new_errors) + len(listing_errors) - listing_known
         write_errors(out, listing_errors + plan.known_errors + new_errors)
         if strict and new_errors:
             first = new_errors[0]

@@ -128,10 +128,7 @@ class FeatureSession:
         shape = (self.batch_size, self.input_size, self.input_size, 3)
         self._io = self.session.io_binding()
         self._input = ort.OrtValue.ortvalue_from_shape_and_type(shape, np.uint8, device, 0)
-        self._io.bind_ortvalue_input(INPUT_NAME, self._input)
-        if self.on_gpu:
-            self._io.bind_output(OUTPUT_NAME, device, 0)
-        self._cpu_out = None
+        self._device = device
 
     def run(self, batch: np.ndarray, n: int | None = None) -> np.ndarray:
         """Features for the first ``n`` images of ``batch`` (uint8, B×S×S×3, B ≤ batch_size)."""
@@ -147,7 +144,7 @@ class FeatureSession:
             self._io.bind_ortvalue_input(INPUT_NAME, self._input)
         else:
             self._io.bind_cpu_input(INPUT_NAME, np.ascontiguousarray(batch[:n]))
-            self._io.bind_output(OUTPUT_NAME, "cpu")
+        self._io.bind_output(OUTPUT_NAME, self._device, 0)
         self.session.run_with_iobinding(self._io)
         out = self._io.copy_outputs_to_cpu()[0]
         return out[:n]
