@@ -73,16 +73,35 @@ def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
     return None, cid, size, mtime
 
 
-def _worker(wid, shm_names, shape, prep_dict, draft, tasks, results):
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies (e.g. ``kill -9`` of the run), so none linger."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the getppid() check in the loop covers it
+        pass
+
+
+def _worker(wid, shm_names, shape, prep_dict, draft, tasks, results, parent_pid):
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and stops us
+    _die_with_parent()
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        return
     prep = Preprocessing.from_dict(prep_dict)
     shms = [shared_memory.SharedMemory(name=n) for n in shm_names]
     slots = [np.ndarray(shape, dtype=np.uint8, buffer=s.buf) for s in shms]
     try:
         while True:
-            task = tasks.get()
+            try:
+                task = tasks.get(timeout=2.0)
+            except queue.Empty:
+                if os.getppid() != parent_pid:
+                    break
+                continue
             if task is None:
                 break
             task_id, slot, items = task
@@ -133,7 +152,7 @@ class DecodePool:
         p = self._ctx.Process(
             target=_worker,
             args=(wid, [s.name for s in self._shms], self.shape, self.prep.to_dict(), self.draft,
-                  self._tasks, self._results),
+                  self._tasks, self._results, os.getpid()),
             daemon=True,
             name=f"stage1-decode-{wid}",
         )
