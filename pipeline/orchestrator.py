@@ -1,0 +1,215 @@
+"""Run stage 1 into a per-backbone feature cache, then stage 2; predict and compare end to end.
+
+Only the stages' public functions are called here: ``stage1_extract.extract`` and
+``stage2_classify.train / predict``, plus ``shardformat`` for the metadata a trained model records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from shardformat import ShardMetadata
+
+
+@dataclasses.dataclass
+class PipelineResult:
+    backbone: str
+    features_dir: str
+    run_dir: str
+    extraction: dict[str, Any]
+    metrics: dict[str, Any]
+    seconds: dict[str, float]
+
+    def format(self) -> str:
+        test = self.metrics.get("test", {})
+        val = self.metrics.get("validation", {})
+        ex = self.extraction
+        cached = "all cached" if ex.get("extracted", 0) == 0 else f"{ex['extracted']} extracted"
+        lines = [
+            f"pipeline done ({self.backbone})",
+            f"  stage 1: {cached}, {ex.get('already_done', 0)} already done, {ex.get('errors', 0)} errors "
+            f"— {self.seconds['extract']:.1f}s  → {self.features_dir}",
+            f"  stage 2: validation accuracy {val.get('accuracy', float('nan')):.3f}, "
+            f"test accuracy {test.get('accuracy', float('nan')):.3f}, test macro-F1 {test.get('macro_f1', float('nan')):.3f} "
+            f"— {self.seconds['train']:.1f}s",
+            f"  model    {os.path.join(self.run_dir, 'model.keras')}",
+            f"  metrics  {os.path.join(self.run_dir, 'metrics.json')}",
+            f"  plots    {os.path.join(self.run_dir, 'curves.png')}, {os.path.join(self.run_dir, 'confusion_matrix.png')}",
+        ]
+        return "\n".join(lines)
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "model"
+
+
+def cache_name(backbone: str | None = None, *, weights: str | os.PathLike | None = None,
+               onnx: str | os.PathLike | None = None) -> str:
+    """The feature-cache folder name for a backbone: one per backbone and weights, so vectors never mix."""
+    from stage1_extract import DEFAULT_BACKBONE
+
+    if onnx is not None:
+        digest = hashlib.sha256(Path(onnx).read_bytes()).hexdigest()[:10]
+        return f"onnx-{_slug(Path(onnx).stem)}-{digest}"
+    name = backbone or DEFAULT_BACKBONE
+    if weights is not None:
+        digest = hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:10]
+        return f"{name}-{digest}"
+    return name
+
+
+def features_dir(workdir: str | os.PathLike, backbone: str | None = None, **kw) -> str:
+    return os.path.join(os.fspath(workdir), "features", cache_name(backbone, **kw))
+
+
+def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input_size=None, engine="local",
+             ray_address=None, progress=True, **stage1_options) -> dict[str, Any]:
+    kwargs = dict(backbone=None if onnx else backbone, weights=weights, onnx=onnx, input_size=input_size,
+                  progress=progress, **stage1_options)
+    if engine == "ray":
+        from stage1_extract.ray_engine import extract_ray
+
+        summary = extract_ray(images, fdir, ray_address=ray_address, **kwargs)
+    elif engine == "local":
+        from stage1_extract import extract
+
+        summary = extract(images, fdir, **kwargs)
+    else:
+        raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
+    if progress:
+        print(summary.format(), flush=True)
+    info = summary.as_dict()
+    speed_file = Path(fdir) / "_extraction_speed.json"
+    if info.get("extracted", 0) > 0:  # remember the speed of the run that did the work, for compare()
+        speed_file.write_text(json.dumps({"images_per_second": info["images_per_second"],
+                                          "provider": info["provider"], "images": info["extracted"]}))
+    elif speed_file.exists():
+        info["images_per_second"] = json.loads(speed_file.read_text())["images_per_second"]
+    return info
+
+
+def run(
+    images: str | os.PathLike,
+    workdir: str | os.PathLike,
+    *,
+    backbone: str | None = None,
+    weights: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    input_size: int | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    run_name: str | None = None,
+    stage1_options: dict[str, Any] | None = None,
+    train_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> PipelineResult:
+    """Stage 1 into ``workdir/features/<backbone>`` (incremental: cached images cost nothing), then stage 2
+    into ``workdir/runs/<backbone>/<run_name>``."""
+    import stage2_classify
+
+    fdir = features_dir(workdir, backbone, weights=weights, onnx=onnx)
+    t0 = time.perf_counter()
+    extraction = _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size,
+                          engine=engine, ray_address=ray_address, progress=progress, **(stage1_options or {}))
+    t1 = time.perf_counter()
+    run_dir = os.path.join(os.fspath(workdir), "runs", Path(fdir).name, run_name or "latest")
+    result = stage2_classify.train(fdir, run_dir, verbose=1 if progress else 0, **(train_options or {}))
+    t2 = time.perf_counter()
+    return PipelineResult(
+        backbone=Path(fdir).name,
+        features_dir=fdir,
+        run_dir=os.fspath(result.run_dir),
+        extraction=extraction,
+        metrics=result.metrics,
+        seconds={"extract": t1 - t0, "train": t2 - t1},
+    )
+
+
+def model_metadata(model_dir: str | os.PathLike) -> ShardMetadata:
+    """The stage-1 metadata a trained model was made on (written by stage 2 next to the model)."""
+    path = Path(model_dir) / "shard_metadata.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: no shard_metadata.json; is this a stage2-classify run directory?")
+    return ShardMetadata.from_json(path.read_text())
+
+
+def predict(
+    images: str | os.PathLike,
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    features: str | os.PathLike | None = None,
+    weights: str | os.PathLike | None = None,
+    onnx: str | os.PathLike | None = None,
+    engine: str = "local",
+    ray_address: str | None = None,
+    stage1_options: dict[str, Any] | None = None,
+    progress: bool = True,
+):
+    """New images end to end: stage 1 with the model's own backbone, then the classifier.
+
+    The features of the new images are cached in ``features`` (default: ``<out>.features/`` beside the
+    output), so predicting again on the same folder costs only the classifier.
+    """
+    import stage2_classify
+
+    meta = model_metadata(model_dir)
+    backbone = None
+    if meta.backbone.startswith("onnx:"):
+        if onnx is None:
+            raise ValueError(
+                f"the model in {model_dir} was trained on features of a user ONNX model ({meta.backbone}); "
+                "pass the same file with --onnx"
+            )
+    else:
+        backbone = meta.backbone
+    input_size = meta.preprocessing.get("input_size") if onnx is not None else None
+    fdir = os.fspath(features) if features else f"{os.fspath(out)}.features"
+    _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size, engine=engine,
+             ray_address=ray_address, progress=progress, **(stage1_options or {}))
+    return stage2_classify.predict(fdir, model_dir, out)
+
+
+def compare(
+    images: str | os.PathLike,
+    backbones: Sequence[str],
+    workdir: str | os.PathLike,
+    *,
+    engine: str = "local",
+    ray_address: str | None = None,
+    stage1_options: dict[str, Any] | None = None,
+    train_options: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Extract with each backbone (cached), train the same head on each, and write a table and a bar chart.
+
+    An entry ending in ``.onnx`` is a user model (its input size must be fixed in the model).
+    Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
+    """
+    rows = []
+    for entry in backbones:
+        kw = {"onnx": entry} if entry.endswith(".onnx") else {"backbone": entry}
+        result = run(images, workdir, engine=engine, ray_address=ray_address, stage1_options=stage1_options,
+                     train_options=train_options, progress=progress, **kw)
+        val, test = result.metrics.get("validation", {}), result.metrics.get("test", {})
+        rows.append({
+            "backbone": result.backbone,
+            "val_accuracy": val.get("accuracy"),
+            "val_macro_f1": val.get("macro_f1"),
+            "test_accuracy": test.get("accuracy"),
+            "test_macro_f1": test.get("macro_f1"),
+            "extract_images_per_second": result.extraction.get("images_per_second"),
+            "train_seconds": round(result.seconds["train"], 2),
+            "run_dir": result.run_dir,
+        })
+    from pipeline.report import write_comparison
+
+    write_comparison(rows, workdir)
+    return rows
