@@ -190,7 +190,7 @@ def convert(npz: str | os.PathLike, out: str | os.PathLike | None = None, splits
     path = Path(npz).expanduser()
     out = Path(out).expanduser() if out is not None else path.with_suffix("")
     split_csv = Path(split_csv).expanduser() if split_csv is not None else out / "split.csv"
-    splits = list(splits)
+    splits = list(dict.fromkeys(splits))  # keep order, drop repeats
     bad = [s for s in splits if s not in SPLITS]
     if not splits or bad:
         raise ConversionError(f"--splits: unknown split(s) {', '.join(map(repr, bad)) or '(none given)'}; "
