@@ -120,7 +120,7 @@ def run(
                           engine=engine, ray_address=ray_address, progress=progress, **(stage1_options or {}))
     t1 = time.perf_counter()
     run_dir = os.path.join(os.fspath(workdir), "runs", Path(fdir).name, run_name or "latest")
-    result = stage2_classify.train(fdir, run_dir, verbose=1 if progress else 0, **(train_options or {}))
+    result = stage2_classify.train(fdir, run_dir, verbose=2 if progress else 0, **(train_options or {}))
     t2 = time.perf_counter()
     return PipelineResult(
         backbone=Path(fdir).name,

@@ -120,9 +120,10 @@ def list_images(images: str | os.PathLike) -> Listing:
     if class_dirs:
         seen.add((root.stat().st_dev, root.stat().st_ino))
         for entry in top_entries:
-            if entry.name.startswith(".") or entry in class_dirs:
-                continue
-            problems.append((entry.name, "skipped: file at the top of a class-folder tree has no class"))
+            if entry.name.startswith((".", "_")) or entry in class_dirs:
+                continue  # hidden files and markers such as _prepared.json are not inputs
+            if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+                problems.append((entry.name, "skipped: image at the top of a class-folder tree has no class"))
         for d in class_dirs:
             label = _printable(d.name)
             if label is None:
