@@ -135,6 +135,11 @@ class FeatureSession:
         n = len(batch) if n is None else n
         if n == 0:
             return np.zeros((0, self.output_dim), np.float32)
+        if not isinstance(batch, np.ndarray):  # a torch tensor from the GPU decoder
+            if self.on_gpu and batch.is_cuda and self._bind_device_tensor(batch, n):
+                self.session.run_with_iobinding(self._io)
+                return self._io.copy_outputs_to_cpu()[0][:n]
+            batch = batch.cpu().numpy()
         if self.fixed_shape:
             if len(batch) != self.batch_size:
                 padded = np.zeros((self.batch_size,) + batch.shape[1:], np.uint8)
@@ -148,6 +153,17 @@ class FeatureSession:
         self.session.run_with_iobinding(self._io)
         out = self._io.copy_outputs_to_cpu()[0]
         return out[:n]
+
+    def _bind_device_tensor(self, tensor, n: int) -> bool:
+        """Bind a CUDA tensor's memory as the input, without a copy (fixed shape: the tensor must be a view
+        into a buffer of ``batch_size`` rows, as the GPU decoder's is). False when that cannot be done."""
+        rows = self.batch_size if self.fixed_shape else n
+        shape = [rows, self.input_size, self.input_size, 3]
+        if not tensor.is_contiguous() or tensor.untyped_storage().nbytes() - tensor.storage_offset() < int(np.prod(shape)):
+            return False
+        self._io.bind_input(INPUT_NAME, "cuda", tensor.device.index or 0, np.uint8, shape, tensor.data_ptr())
+        self._io.bind_output(OUTPUT_NAME, self._device, 0)
+        return True
 
     @property
     def output_dim(self) -> int:

@@ -1,0 +1,146 @@
+"""JPEG decoding with torchvision (nvJPEG on a GPU) and resizing on the same device.
+
+On a GPU machine PIL on the CPU cores is the wall of stage 1 (see ``shared/reference``); this decoder
+moves JPEG decoding and resizing onto the GPU, where the decoded batch stays for inference (ONNX
+Runtime reads it through IO binding, no copy back). Files that are not baseline JPEGs, that nvJPEG
+rejects, or whose shape is extreme, fall back to the exact PIL path, so every file gets the same
+treatment it would get from the CPU decoder, only faster. On a machine without a GPU the same code runs
+on the CPU device (that is how the tests exercise it).
+
+It yields the same :class:`~stage1_extract.loader.Batch` objects as the worker-process pool.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from stage1_extract.decode import DecodeError, content_id, decode_image
+from stage1_extract.loader import Batch, ItemResult
+from stage1_extract.preprocessing import Preprocessing
+
+MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much memory: use PIL's box path
+
+
+def _read(path: str):
+    """(bytes or None, reason, size, mtime) — file reading runs in threads, overlapping decode."""
+    try:
+        with open(path, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            data = fh.read()
+        return data, None, st.st_size, st.st_mtime_ns
+    except PermissionError:
+        return None, "permission denied", 0, 0
+    except IsADirectoryError:
+        return None, "is a directory", 0, 0
+    except OSError as exc:
+        return None, f"cannot read file: {exc.strerror or exc}", 0, 0
+
+
+def _is_jpeg(data: bytes) -> bool:
+    return data[:3] == b"\xff\xd8\xff"
+
+
+class TorchDecoder:
+    """``for batch in TorchDecoder(prep, batch_size=…, device="cuda").run(paths)`` — like DecodePool."""
+
+    def __init__(self, prep: Preprocessing, *, batch_size: int, device: str = "cuda", io_threads: int = 8) -> None:
+        import torch
+
+        self.torch = torch
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("--decode gpu needs a CUDA GPU visible to torch; use the default CPU decoding")
+        self.prep = prep
+        self.batch_size = batch_size
+        self.device = torch.device(device)
+        self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="read")
+        self._out = torch.empty((batch_size, prep.input_size, prep.input_size, 3), dtype=torch.uint8,
+                                device=self.device)
+        self.pixels_on_device = self.device.type == "cuda"
+
+    def _resize_crop(self, img):
+        """(3, H, W) uint8 → (S, S, 3) uint8: shorter side to ``resize`` (rounded), centre crop, antialiased."""
+        torch = self.torch
+        p = self.prep
+        _, h, w = img.shape
+        scale = p.resize / min(w, h)
+        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+        mode = "bicubic" if p.interpolation in ("bicubic", "lanczos") else (
+            "nearest" if p.interpolation == "nearest" else "bilinear")
+        x = img.unsqueeze(0).float()
+        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=mode,
+                                            antialias=mode != "nearest",
+                                            align_corners=False if mode != "nearest" else None)
+        left = int(round((new_w - p.input_size) / 2))
+        top = int(round((new_h - p.input_size) / 2))
+        x = x[0, :, top:top + p.input_size, left:left + p.input_size]
+        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+    def _decode_batch(self, blobs: list[bytes]) -> list:
+        """Decode JPEG blobs on the device; entries that fail come back as None (PIL fallback)."""
+        torch = self.torch
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        tensors = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
+        try:
+            return list(decode_jpeg(tensors, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True))
+        except RuntimeError:  # one bad file spoils a batched call: retry one by one
+            out = []
+            for t in tensors:
+                try:
+                    out.append(decode_jpeg(t, mode=ImageReadMode.RGB, device=self.device, apply_exif_orientation=True))
+                except RuntimeError:
+                    out.append(None)
+            return out
+
+    def run(self, paths: Sequence[str]) -> Iterator[Batch]:
+        torch = self.torch
+        bs = self.batch_size
+        chunks = [list(range(s, min(s + bs, len(paths)))) for s in range(0, len(paths), bs)]
+        reads = [self._io.map(_read, [paths[i] for i in chunk]) for chunk in chunks[:2]]
+        for n, chunk in enumerate(chunks):
+            if n + 2 < len(chunks):  # keep two batches of reads in flight
+                reads.append(self._io.map(_read, [paths[i] for i in chunks[n + 2]]))
+            results = list(reads[n])
+            reads[n] = None
+            t0 = time.perf_counter()
+            items: list[ItemResult] = []
+            jpeg_rows = [k for k, (data, reason, _, _) in enumerate(results) if data and _is_jpeg(data)]
+            decoded = dict(zip(jpeg_rows, self._decode_batch([results[k][0] for k in jpeg_rows]))) if jpeg_rows else {}
+            row = 0
+            for k, index in enumerate(chunk):
+                data, reason, size, mtime = results[k]
+                cid = content_id(data) if data is not None else None
+                if reason is None and not data:
+                    reason = "empty file (0 bytes)"
+                if reason is None:
+                    img = decoded.get(k)
+                    try:
+                        if img is not None and max(img.shape[1:]) / max(1, min(img.shape[1:])) <= MAX_ASPECT:
+                            self._out[row] = self._resize_crop(img)
+                        else:
+                            self._out[row] = torch.from_numpy(decode_image(data, self.prep)).to(self.device)
+                    except DecodeError as exc:
+                        reason = str(exc)
+                    except Exception as exc:  # noqa: BLE001 - one file, never the run
+                        reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
+                items.append(ItemResult(index, row if reason is None else -1, reason, cid, size, mtime))
+                if reason is None:
+                    row += 1
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            pixels = self._out[:row] if self.pixels_on_device else self._out[:row].numpy()
+            yield Batch(slot=0, pixels=pixels, items=items, decode_seconds=time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self._io.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TorchDecoder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
