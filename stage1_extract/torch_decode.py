@@ -123,7 +123,7 @@ class TorchDecoder:
                         if img is not None and max(img.shape[1:]) / max(1, min(img.shape[1:])) <= MAX_ASPECT:
                             self._out[row] = self._resize_crop(img)
                         else:
-                            self._out[row] = torch.from_numpy(decode_image(data, self.prep)).to(self.device)
+                            self._out[row] = torch.from_numpy(decode_image(data, self.prep).copy()).to(self.device)
                     except DecodeError as exc:
                         reason = str(exc)
                     except Exception as exc:  # noqa: BLE001 - one file, never the run

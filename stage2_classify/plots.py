@@ -16,6 +16,8 @@ def _plt():
 
 def plot_curves(history: dict[str, list[float]], path: str, best_epoch: int | None = None) -> None:
     plt = _plt()
+    from matplotlib.ticker import MaxNLocator
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     epochs = np.arange(1, len(history.get("loss", [])) + 1)
     for ax, key, title in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
@@ -26,6 +28,7 @@ def plot_curves(history: dict[str, list[float]], path: str, best_epoch: int | No
         if best_epoch:
             ax.axvline(best_epoch, color="grey", linestyle="--", linewidth=1, label=f"best (epoch {best_epoch})")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend()
