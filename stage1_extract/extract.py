@@ -252,8 +252,12 @@ def extract(
                 writer.close()
             except BaseException:
                 writer.abort()
-                # Record what failed so far; finished shards are already safe on disk.
-                write_errors(out, listing_errors + plan.known_errors + new_errors)
+                # Record what failed so far; finished shards are already safe on disk. On a full or read-only
+                # disk this write fails too: keep the original error (which names the shard), not this one.
+                try:
+                    write_errors(out, listing_errors + plan.known_errors + new_errors)
+                except OSError as exc:
+                    log.warning("could not update the errors table after the failure: %s", exc)
                 raise
             finally:
                 bar.close()
