@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--shard-size", type=int, default=2048, help="rows per Parquet shard (default 2048)")
     p.add_argument("--draft", action="store_true", help="fast JPEG draft decoding for images ≥2× the needed size")
+    p.add_argument("--decode", choices=["cpu", "gpu", "torch-cpu"], default="cpu",
+                   help="cpu: PIL in worker processes (default); gpu: nvJPEG + resize on the GPU (JPEGs; "
+                   "others fall back to PIL); torch-cpu: the gpu decoder's code on the CPU, for checking")
     p.add_argument("--strict", action="store_true", help="stop with a non-zero exit at the first bad image")
     p.add_argument("--engine", choices=["local"], default="local", help="where to run (local processes)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
             interpolation=args.interpolation, batch_size=args.batch_size, provider=args.provider,
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
-            shard_size=args.shard_size, draft=args.draft, progress=not args.no_progress,
+            shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
         )
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)

@@ -138,6 +138,20 @@ def _clean_temporaries(out: str) -> None:
                 pass
 
 
+DECODERS = {"cpu": None, "gpu": "cuda", "torch-cpu": "cpu"}  # torch-cpu: the GPU decoder's code on the CPU
+
+
+def _decoder(decode: str, prep, batch_size: int, workers: int, draft: bool):
+    """The batch source: PIL in worker processes (cpu), or torchvision on a device (gpu, torch-cpu)."""
+    if decode == "cpu":
+        from stage1_extract.loader import DecodePool
+
+        return DecodePool(prep, batch_size=batch_size, workers=workers, draft=draft)
+    from stage1_extract.torch_decode import TorchDecoder
+
+    return TorchDecoder(prep, batch_size=batch_size, device=DECODERS[decode], io_threads=max(2, workers))
+
+
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
@@ -165,6 +179,7 @@ def extract(
     strict: bool = False,
     shard_size: int = 2048,
     draft: bool = False,
+    decode: str = "cpu",
     progress: bool = True,
 ) -> ExtractSummary:
     """Extract pooled features for every image under ``images`` into Parquet shards in ``out``.
@@ -172,8 +187,12 @@ def extract(
     Incremental and resumable: images already in ``out`` (unchanged) are skipped, changed ones are
     re-extracted, removed ones are dropped from the shards. Bad images are recorded in
     ``out/_errors.parquet`` and the run goes on, unless ``strict``.
+
+    ``decode="cpu"`` decodes with PIL in worker processes; ``decode="gpu"`` decodes JPEGs with nvJPEG and
+    resizes on the GPU (other files fall back to PIL), which lifts the decode wall on GPU machines.
     """
-    from stage1_extract.loader import DecodePool
+    if decode not in DECODERS:
+        raise ValueError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
     from stage1_extract.session import FeatureSession, wants_gpu
 
     t_start = time.perf_counter()
@@ -185,25 +204,7 @@ def extract(
     meta = shard_metadata(model)
     listing = list_images(images)
     with OutputLock(out) if "://" not in out else _nullcontext():
-        _clean_temporaries(out)
-        index, existing = read_index(out)
-        if existing is not None and existing.compatibility_key() != meta.compatibility_key():
-            raise IncompatibleShardsError(
-                f"{out} already holds shards made with {existing.describe()}; this run uses "
-                f"{meta.describe()}. Use a separate --out for each backbone."
-            )
-        previous_errors = read_errors(out)
-        plan = make_plan(listing.records, index, previous_errors)
-        listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
-        seen_before = {e["path"] for e in previous_errors}
-        listing_known = sum(e["path"] in seen_before for e in listing_errors)
-        summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
-                                 already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
-                                 empty_classes=listing.empty_classes)
-        if strict and (listing_errors or plan.known_errors):
-            first = (listing_errors or plan.known_errors)[0]
-            write_errors(out, listing_errors + plan.known_errors)
-            raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+        plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
         timings = {"wait_decode": 0.0, "infer": 0.0, "write": 0.0, "decode_worker": 0.0}
         if plan.todo:
@@ -218,8 +219,7 @@ def extract(
             bar = _progress(len(todo), progress)
             t_loop = time.perf_counter()
             try:
-                with DecodePool(model.preprocessing, batch_size=session.batch_size, workers=n_workers,
-                                draft=draft) as pool:
+                with _decoder(decode, model.preprocessing, session.batch_size, n_workers, draft) as pool:
                     t_wait = time.perf_counter()
                     for batch in pool.run([r.abspath for r in todo]):
                         timings["wait_decode"] += time.perf_counter() - t_wait
@@ -267,20 +267,52 @@ def extract(
             summary.shards_written = len(writer.shards)
             summary.seconds = loop_seconds
             summary.images_per_second = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
-        summary.errors_new = len(new_errors) + len(listing_errors) - listing_known
-        write_errors(out, listing_errors + plan.known_errors + new_errors)
-        if strict and new_errors:
-            first = new_errors[0]
-            raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
-        summary.removed_rows = compact(plan)
-        summary.timings = {k: round(v, 3) for k, v in timings.items()}
-        write_json(out, SUMMARY_FILE, {
-            **summary.as_dict(),
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "total_seconds": round(time.perf_counter() - t_start, 3),
-            "shard_metadata": meta.to_json(),
-        })
+        _finish_run(out, meta, summary, plan, listing_errors, listing_known, new_errors, timings, strict, t_start)
     return summary
+
+
+def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, provider: str, strict: bool):
+    """Start of a run, shared by the engines (the caller holds the output lock): refuse incompatible shards,
+    plan what to do, and count the errors already known. Returns (plan, listing_errors, listing_known, summary)."""
+    _clean_temporaries(out)
+    index, existing = read_index(out)
+    if existing is not None and existing.compatibility_key() != meta.compatibility_key():
+        raise IncompatibleShardsError(
+            f"{out} already holds shards made with {existing.describe()}; this run uses "
+            f"{meta.describe()}. Use a separate --out for each backbone."
+        )
+    previous_errors = read_errors(out)
+    plan = make_plan(listing.records, index, previous_errors)
+    listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
+    seen_before = {e["path"] for e in previous_errors}
+    listing_known = sum(e["path"] in seen_before for e in listing_errors)
+    summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
+                             already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
+                             empty_classes=listing.empty_classes)
+    if strict and (listing_errors or plan.known_errors):
+        first = (listing_errors or plan.known_errors)[0]
+        write_errors(out, listing_errors + plan.known_errors)
+        raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+    return plan, listing_errors, listing_known, summary
+
+
+def _finish_run(out: str, meta: ShardMetadata, summary: ExtractSummary, plan, listing_errors: list[dict],
+                listing_known: int, new_errors: list[dict], timings: dict[str, float], strict: bool,
+                t_start: float) -> None:
+    """End of a run, shared by the engines: errors table, strict check, compaction, ``_run.json``."""
+    summary.errors_new = len(new_errors) + len(listing_errors) - listing_known
+    write_errors(out, listing_errors + plan.known_errors + new_errors)
+    if strict and new_errors:
+        first = new_errors[0]
+        raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+    summary.removed_rows = compact(plan)
+    summary.timings = {k: round(v, 3) for k, v in timings.items()}
+    write_json(out, SUMMARY_FILE, {
+        **summary.as_dict(),
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "total_seconds": round(time.perf_counter() - t_start, 3),
+        "shard_metadata": meta.to_json(),
+    })
 
 
 class _nullcontext:

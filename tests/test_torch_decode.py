@@ -41,3 +41,18 @@ def test_gpu_device_without_a_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="CUDA GPU"):
         TorchDecoder(PREP, batch_size=4, device="cuda")
+
+
+def test_extract_with_the_torch_decoder_matches_the_default(tmp_path):
+    import shardformat
+    from stage1_extract import extract
+
+    tree = make_image_tree(tmp_path / "img", per_class=2, size=200)
+    a = extract(tree, tmp_path / "a", progress=False)
+    b = extract(tree, tmp_path / "b", decode="torch-cpu", progress=False)
+    assert a.extracted == b.extracted == 6
+    fa, fb = shardformat.read_features(tmp_path / "a"), shardformat.read_features(tmp_path / "b")
+    order_a, order_b = np.argsort(fa.paths), np.argsort(fb.paths)
+    xa, xb = fa.features[order_a], fb.features[order_b]
+    cos = (xa * xb).sum(1) / np.linalg.norm(xa, axis=1) / np.linalg.norm(xb, axis=1)
+    assert cos.min() > 0.98
