@@ -13,6 +13,7 @@ import dataclasses
 import multiprocessing as mp
 import os
 import queue
+import stat
 import time
 from multiprocessing import shared_memory
 from typing import Iterator, Sequence
@@ -44,14 +45,16 @@ def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
     from stage1_extract.decode import DecodeError, content_id, decode_image
 
     try:
-        fd = os.open(path, os.O_RDONLY)
+        # O_NONBLOCK: opening a FIFO (listed in a file list, or swapped in after listing) must not wait forever
+        # for a writer; it makes no difference to reading a regular file.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else f"cannot open: {exc.strerror or exc}"
         return reason, None, 0, 0
     try:
         st = os.fstat(fd)
         size, mtime = st.st_size, st.st_mtime_ns
-        if not os.path.isfile(path):
+        if not stat.S_ISREG(st.st_mode):  # what was opened, not what the path names now
             return "not a regular file", None, size, mtime
         from stage1_extract.decode import MAX_FILE_BYTES
 

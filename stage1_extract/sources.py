@@ -181,6 +181,9 @@ def _list_file(path: Path) -> Listing:
         if not os.path.exists(abspath):
             problems.append((p, "listed file does not exist" if not os.path.islink(abspath) else "broken symbolic link"))
             continue
+        if not os.path.isfile(abspath):  # a FIFO or device: reading it could block or never end
+            problems.append((p, "not a regular file"))
+            continue
         records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label)))
     records.sort(key=lambda r: r.path)
     return Listing(str(base), "file-list", records, problems, [])
