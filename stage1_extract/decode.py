@@ -66,7 +66,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode.startswith("I") or mode == "F":
         arr = np.asarray(img)
         if arr.dtype.kind == "f":
-            arr = np.nan_to_num(arr.astype(np.float64))
+            arr = arr.astype(np.float64)
+            finite = arr[np.isfinite(arr)]
+            # ±inf → the extreme finite values (nan_to_num's ±1.8e308 would squash the stretch below to black)
+            top, bottom = (float(finite.max()), float(finite.min())) if finite.size else (0.0, 0.0)
+            arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=bottom)
             scaled = np.clip(arr, 0, 255) if arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0 else None
             if scaled is None:  # arbitrary float range: stretch to 0..255
                 lo, hi = float(arr.min()), float(arr.max())
