@@ -219,15 +219,16 @@ class FeatureSet:
         return len(self.paths)
 
 
-def _feature_matrix(column: pa.ChunkedArray, dim: int) -> np.ndarray:
-    if column.num_chunks == 0 or len(column) == 0:
-        return np.zeros((0, dim), dtype=np.float32)
-    parts = []
+def _copy_features(column: pa.ChunkedArray, dim: int, out: np.ndarray) -> None:
+    """Copy a ``fixed_size_list`` column into ``out`` (rows × dim) chunk by chunk: one copy, no Python per row."""
+    row = 0
     for chunk in column.chunks:
+        n = len(chunk)
+        if n == 0:
+            continue
         values = chunk.flatten() if chunk.offset else chunk.values
-        parts.append(values.to_numpy(zero_copy_only=False).reshape(-1, dim))
-    mat = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return np.ascontiguousarray(mat, dtype=np.float32)
+        out[row:row + n] = values.to_numpy(zero_copy_only=False).reshape(n, dim)
+        row += n
 
 
 def _read_tables(directory, columns: list[str] | None) -> tuple[list[pa.Table], list[str], ShardMetadata | None]:
@@ -242,34 +243,48 @@ def _read_tables(directory, columns: list[str] | None) -> tuple[list[pa.Table], 
     return tables, files, meta
 
 
-def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None = None) -> FeatureSet:
+def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None = None,
+                  threads: int | None = None) -> FeatureSet:
     """Load every shard in ``directory`` (local path or URI) into memory.
 
     Every shard's schema and metadata are validated, shards made with different backbones,
     weights or preprocessing are refused (:class:`IncompatibleShardsError`), and with ``expect``
     the shards must also match that metadata (e.g. the one a trained model was made on).
+    Shards are decoded in parallel threads straight into one preallocated float32 matrix.
     """
-    tables, files, meta = _read_tables(directory, None)
+    from concurrent.futures import ThreadPoolExecutor
+
+    fs, _ = resolve(directory)
+    files = list_shards(directory)
+    opened = [(path, _open(fs, path)) for path in files]
+    meta = _check_compatible((path, _meta_of(pf.schema_arrow, path)) for path, pf in opened)
     if expect is not None and meta is not None and meta.compatibility_key() != expect.compatibility_key():
         raise IncompatibleShardsError(
             f"shards in {directory} ({meta.describe()}) were not made like the expected ones "
             f"({expect.describe()}): extract these images again with backbone {expect.backbone!r}"
         )
     dim = meta.feature_dim if meta else 0
-    if not tables:
-        return FeatureSet(
-            np.array([], dtype=object), np.array([], dtype=object), np.array([], dtype=object),
-            np.zeros((0, dim), np.float32), meta, files,
-        )
-    table = pa.concat_tables([t.replace_schema_metadata(None) for t in tables])
-    return FeatureSet(
-        paths=np.asarray(table.column("path").to_pylist(), dtype=object),
-        labels=np.asarray(table.column("label").to_pylist(), dtype=object),
-        content_ids=np.asarray(table.column("content_id").to_pylist(), dtype=object),
-        features=_feature_matrix(table.column("feature"), dim),
-        metadata=meta,
-        shard_files=files,
-    )
+    counts = [pf.metadata.num_rows for _, pf in opened]
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(int)
+    features = np.empty((int(starts[-1]), dim), dtype=np.float32)
+
+    def load(i: int) -> pa.Table:
+        table = opened[i][1].read(use_threads=False)
+        if table.num_rows != counts[i]:
+            raise ShardFormatError(f"{opened[i][0]}: row count differs from its footer")
+        _copy_features(table.column("feature"), dim, features[starts[i]:starts[i + 1]])
+        return table.select(["path", "label", "content_id"])
+
+    workers = threads or min(8, os.cpu_count() or 1, max(1, len(opened)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        small = list(pool.map(load, range(len(opened))))
+    if small:
+        table = pa.concat_tables([t.replace_schema_metadata(None) for t in small])
+        columns = [np.asarray(table.column(c).to_pylist(), dtype=object) for c in ("path", "label", "content_id")]
+    else:
+        columns = [np.array([], dtype=object)] * 3
+    return FeatureSet(paths=columns[0], labels=columns[1], content_ids=columns[2], features=features,
+                      metadata=meta, shard_files=files)
 
 
 def read_index(directory: str | os.PathLike) -> tuple[pa.Table, ShardMetadata | None]:
