@@ -180,6 +180,8 @@ def _meta_of(schema: pa.Schema, where: str) -> ShardMetadata:
         if field.name not in schema.names or schema.field(field.name).type != field.type:
             got = schema.field(field.name).type if field.name in schema.names else "missing"
             raise ShardFormatError(f"{where}: column {field.name!r} should be {field.type}, found {got}")
+        if schema.field(field.name).nullable and not field.nullable:  # our writer stores these as required
+            raise ShardFormatError(f"{where}: column {field.name!r} may hold nulls; in a shard it never does")
     return meta
 
 

@@ -55,7 +55,7 @@ class ShardMetadata:
         if not isinstance(raw, dict):
             raise ShardFormatError("shard metadata is not a JSON object")
         version = raw.get("format_version")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version != FORMAT_VERSION:
             raise ShardFormatError(
                 f"shard format version {version!r} is not supported (this code reads version {FORMAT_VERSION})"
             )
@@ -63,10 +63,14 @@ class ShardMetadata:
         missing = {"backbone", "weights_id", "onnx_sha256", "preprocessing", "feature_dim"} - raw.keys()
         if missing:
             raise ShardFormatError(f"shard metadata lacks {sorted(missing)}")
+        for key, kind in (("backbone", str), ("weights_id", str), ("onnx_sha256", str), ("feature_dtype", str),
+                          ("precision", str), ("preprocessing", dict), ("versions", dict)):
+            if key in raw and not isinstance(raw[key], kind):  # a foreign file; would break messages and keys later
+                raise ShardFormatError(f"shard metadata {key!r} should be a {kind.__name__}, found {raw[key]!r}")
         meta = cls(**{k: v for k, v in raw.items() if k in known})
         if meta.feature_dtype not in FEATURE_DTYPES:
             raise ShardFormatError(f"unknown feature dtype {meta.feature_dtype!r}")
-        if not isinstance(meta.feature_dim, int) or meta.feature_dim <= 0:
+        if isinstance(meta.feature_dim, bool) or not isinstance(meta.feature_dim, int) or meta.feature_dim <= 0:
             raise ShardFormatError(f"bad feature_dim {meta.feature_dim!r}")
         return meta
 
