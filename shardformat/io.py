@@ -74,11 +74,13 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
-        except BaseException:
+        except BaseException as exc:
             try:
                 os.unlink(tmp)
             except OSError:
                 pass
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = path  # "[Errno 28] No space left on device: '…/part-….parquet'", not a bare errno
             raise
         _fsync_dir(parent)
         return

@@ -146,11 +146,20 @@ def write_json(out: str, name: str, payload: dict) -> None:
     path = f"{root}/{name}"
     if isinstance(fs, pa.fs.LocalFileSystem):
         tmp = f"{root}/.tmp-{secrets.token_hex(4)}-{name}"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:  # disk full or read-only: no half-written file left, and say which file
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            if exc.filename is None:
+                exc.filename = path
+            raise
     else:
         with fs.open_output_stream(path) as fh:
             fh.write(data)
