@@ -49,7 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cpu: PIL in worker processes (default); gpu: nvJPEG + resize on the GPU (JPEGs; "
                    "others fall back to PIL); torch-cpu: the gpu decoder's code on the CPU, for checking")
     p.add_argument("--strict", action="store_true", help="stop with a non-zero exit at the first bad image")
-    p.add_argument("--engine", choices=["local"], default="local", help="where to run (local processes)")
+    p.add_argument("--engine", choices=["local", "ray"], default="local",
+                   help="local: processes on this machine (default); ray: Ray Data tasks and actors on a Ray "
+                   "cluster (pip install hybrid-transfer[ray]; see docs/ray.md)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: cluster to use (auto, HOST:6379 or ray://HOST:10001; default: RAY_ADDRESS, "
+                   "else a local Ray instance)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--list-backbones", action="store_true", help="list the registry and exit")
@@ -71,9 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error("give either --backbone or --onnx, not both")
     from stage1_extract import extract
 
+    options = {}
+    if args.engine == "ray":
+        from stage1_extract.ray_engine import extract_ray as extract
+
+        options["ray_address"] = args.ray_address
+    elif args.ray_address:
+        build_parser().error("--ray-address needs --engine ray")
     try:
         summary = extract(
-            args.images, args.out, backbone=args.backbone, weights=args.weights, onnx=args.onnx,
+            args.images, args.out, **options, backbone=args.backbone, weights=args.weights, onnx=args.onnx,
             input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
             interpolation=args.interpolation, batch_size=args.batch_size, provider=args.provider,
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
