@@ -420,7 +420,7 @@ def extract_ray(
                     decode_block, batch_format="pyarrow", batch_size=None, zero_copy_batch=True,
                     fn_kwargs={"prep": model.preprocessing.to_dict(), "draft": draft}, num_cpus=1,
                     # A memory estimate per task; it also keeps Ray Data from fusing decoding into the actors.
-                    memory=int(rows_per_block * size * size * 3 * 4 + 256 * 2**20), **decode_compute,
+                    memory=int(rows_per_block * size * size * 3 * 2 + 128 * 2**20), **decode_compute,
                 )
                 ds = ds.map_batches(
                     InferenceActor, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,

@@ -217,3 +217,15 @@ def test_worker_failures_surface_as_the_original_error_type():
     assert type(err) is OSError and "disk gone" in str(err)
     err = _ray_error(Exception("onnxruntime.capi.Fail: bad model\n\nThe above exception was the direct cause"))
     assert isinstance(err, RuntimeError) and "onnxruntime.capi.Fail: bad model" in str(err)
+
+
+def test_pipeline_run_with_the_ray_engine(tree, tiny, tmp_path):
+    import pipeline
+
+    result = pipeline.run(tree, tmp_path / "work", onnx=tiny, input_size=32, engine="ray", progress=False,
+                          train_options=dict(epochs=2, batch_size=8))
+    assert result.extraction["extracted"] == 12 and result.extraction["errors"] == 3
+    assert len(features(result.features_dir)) == 12
+    again = pipeline.run(tree, tmp_path / "work", onnx=tiny, input_size=32, engine="ray", progress=False,
+                         train_options=dict(epochs=1, batch_size=8), run_name="again")
+    assert again.extraction["extracted"] == 0 and again.extraction["already_done"] == 12
