@@ -296,6 +296,20 @@ def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, pro
     return plan, listing_errors, listing_known, summary
 
 
+def plan_on(out: str, plan):
+    """``plan`` with its shards named by URI when ``out`` is one, for :func:`compact`: listings give filesystem
+    paths (``bucket/prefix/part-….parquet`` on S3, ``/prefix/…`` on HDFS) that would otherwise read as local."""
+    if "://" not in out:
+        return plan
+    base, sep, query = out.partition("?")
+
+    def uri(shard: str) -> str:
+        return f"{base.rstrip('/')}/{shard.rsplit('/', 1)[-1]}{sep}{query}"
+
+    return dataclasses.replace(plan, stale_rows={uri(s): n for s, n in plan.stale_rows.items()},
+                               keep={uri(s): k for s, k in plan.keep.items()})
+
+
 def _finish_run(out: str, meta: ShardMetadata, summary: ExtractSummary, plan, listing_errors: list[dict],
                 listing_known: int, new_errors: list[dict], timings: dict[str, float], strict: bool,
                 t_start: float) -> None:
@@ -305,7 +319,7 @@ def _finish_run(out: str, meta: ShardMetadata, summary: ExtractSummary, plan, li
     if strict and new_errors:
         first = new_errors[0]
         raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
-    summary.removed_rows = compact(plan)
+    summary.removed_rows = compact(plan_on(out, plan))
     summary.timings = {k: round(v, 3) for k, v in timings.items()}
     write_json(out, SUMMARY_FILE, {
         **summary.as_dict(),

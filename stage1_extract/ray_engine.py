@@ -294,6 +294,7 @@ def _decode_block_rows(n_images: int, total_cpus: float) -> int:
 def _reconcile(out: str, stamp: str, reported: dict[str, list[str]]) -> None:
     """After a finished run: the shards of this run in ``out`` must be exactly the reported ones, each path once."""
     from shardformat import list_shards, resolve
+    from stage1_extract.extract import plan_on
     from stage1_extract.plan import Plan, compact
 
     present = [s for s in list_shards(out) if os.path.basename(s).startswith(f"part-{stamp}-")]
@@ -319,7 +320,8 @@ def _reconcile(out: str, stamp: str, reported: dict[str, list[str]]) -> None:
             else:
                 owner[path] = shard
     if stale:
-        compact(Plan(todo=[], done=0, known_errors=[], stale_rows=stale, keep={s: keep[s] for s in stale}))
+        compact(plan_on(out, Plan(todo=[], done=0, known_errors=[], stale_rows=stale,
+                                  keep={s: keep[s] for s in stale})))
 
 
 def _record_errors(out: str, errors: list[dict]) -> None:

@@ -95,3 +95,40 @@ def test_stage2_loads_shards_from_a_uri(tree, tmp_path):
     extract(tree, uri, onnx=tiny, input_size=32, progress=False)
     ds = data.load_dataset(uri)
     assert ds.features.shape == (9, 8) and ds.classes == ["cat", "coffee", "space"]
+
+
+@pytest.fixture()
+def bucket(tmp_path, monkeypatch):
+    """An object-store-like filesystem offline: ``mem://prefix`` maps to a SubTreeFileSystem over a local folder,
+    whose listings, like S3's, give paths relative to the bucket (``prefix/part-….parquet``), not local paths."""
+    import pyarrow.fs as pafs
+
+    import shardformat.io
+    import stage1_extract.writer
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    real = shardformat.io.resolve
+
+    def resolve(location):
+        text = str(location)
+        if text.startswith("mem://"):
+            return pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()), text[len("mem://"):].rstrip("/")
+        return real(location)
+
+    for module in (shardformat.io, shardformat, stage1_extract.writer):
+        monkeypatch.setattr(module, "resolve", resolve)
+    return root
+
+
+def test_stage1_compacts_on_a_filesystem_with_bucket_relative_paths(tree, tmp_path, bucket):
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    s = extract(tree, "mem://features", onnx=tiny, input_size=32, progress=False)
+    assert s.extracted == 9 and (bucket / "features" / "_errors.parquet").is_file()
+    assert all(not p.startswith("/") for p in shardformat.list_shards("mem://features"))  # S3-like listing
+    (tree / "cat" / "cat_000.jpg").unlink()
+    (tree / "space" / "space_000.jpg").write_bytes((tree / "coffee" / "coffee_000.jpg").read_bytes())
+    s = extract(tree, "mem://features", onnx=tiny, input_size=32, progress=False)
+    assert (s.extracted, s.removed_rows) == (1, 2)
+    fs = shardformat.read_features(bucket / "features")
+    assert len(fs) == 8 == len(set(fs.paths)) and "cat/cat_000.jpg" not in set(fs.paths)
