@@ -276,7 +276,11 @@ def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None 
         table = opened[i][1].read(use_threads=False)
         if table.num_rows != counts[i]:
             raise ShardFormatError(f"{opened[i][0]}: row count differs from its footer")
-        _copy_features(table.column("feature"), dim, features[starts[i]:starts[i + 1]])
+        block = features[starts[i]:starts[i + 1]]
+        _copy_features(table.column("feature"), dim, block)
+        if not np.isfinite(block).all():
+            bad = int((~np.isfinite(block).all(axis=1)).sum())
+            raise ShardFormatError(f"{opened[i][0]}: {bad} feature vector(s) hold NaN or infinity; re-extract it")
         return table.select(["path", "label", "content_id"])
 
     workers = threads or min(8, os.cpu_count() or 1, max(1, len(opened)))

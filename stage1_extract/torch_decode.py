@@ -13,6 +13,7 @@ It yields the same :class:`~stage1_extract.loader.Batch` objects as the worker-p
 from __future__ import annotations
 
 import os
+import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
@@ -29,8 +30,11 @@ MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much m
 def _read(path: str):
     """(bytes or None, reason, size, mtime) — file reading runs in threads, overlapping decode."""
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
+        with os.fdopen(fd, "rb") as fh:
             st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                return None, "not a regular file", 0, 0
             data = fh.read()
         return data, None, st.st_size, st.st_mtime_ns
     except PermissionError:

@@ -77,7 +77,7 @@ class ShardWriter:
     def _raise_if_failed(self) -> None:
         if self._error is not None:
             exc, self._error = self._error, None
-            raise ShardWriteError(f"writing a shard in {self.out} failed: {exc}") from exc
+            raise ShardWriteError(getattr(exc, "errno", None), f"writing a shard in {self.out} failed: {exc}") from exc
 
     def add(self, paths, labels, content_ids, file_sizes, mtimes_ns, features: np.ndarray) -> None:
         self._raise_if_failed()
