@@ -128,3 +128,13 @@ def test_fixed_shape_path_pads_the_last_batch(lite0):
     session.fixed_shape = True
     padded = session.run(x, 3)
     np.testing.assert_allclose(padded, free, rtol=1e-4, atol=1e-5)
+
+
+def test_fp16_export_is_verified_against_torch_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYBRID_TRANSFER_CACHE", str(tmp_path))
+    m = export.export_backbone("efficientnet_lite0", precision="fp16")
+    info = export.json.loads(open(m.onnx_path[:-5] + ".json").read())
+    assert m.precision == "fp16" and info["verified_relative_error"] < 2e-2
+    model = onnx.load(m.onnx_path)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # cast back to fp32
+    assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
