@@ -1,4 +1,8 @@
-"""The classifier head: Normalization → [Dense(relu) → Dropout]* → Dense(softmax)."""
+"""The classifier head: Normalization → [Dense(relu) → Dropout]* → Dense(softmax).
+
+Standardisation is the first layer (its mean and variance are weights of the model), so a saved
+``model.keras`` takes raw feature vectors and needs nothing else at prediction time.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +15,8 @@ def build_head(feature_dim: int, n_classes: int, *, hidden: Sequence[int] = (256
                learning_rate: float = 1e-3, mean: np.ndarray | None = None, variance: np.ndarray | None = None):
     """A compiled Keras model. Standardisation is a layer inside the model, so a saved model needs nothing else.
 
-    ``hidden=()`` gives a linear (logistic-regression) head.
+    ``hidden=()`` gives a linear (multinomial logistic-regression) head; ``mean``/``variance`` are the
+    training-split statistics used to standardise inputs (zero mean / unit variance when omitted).
     """
     import keras
     from keras import layers
@@ -19,8 +24,9 @@ def build_head(feature_dim: int, n_classes: int, *, hidden: Sequence[int] = (256
     inputs = keras.Input(shape=(feature_dim,), name="features")
     norm = layers.Normalization(
         axis=-1, name="standardise",
-        mean=None if mean is None else np.asarray(mean, np.float32),
-        variance=None if variance is None else np.maximum(np.asarray(variance, np.float32), 1e-6),
+        mean=np.zeros(feature_dim, np.float32) if mean is None else np.asarray(mean, np.float32),
+        variance=np.ones(feature_dim, np.float32) if variance is None
+        else np.maximum(np.asarray(variance, np.float32), 1e-6),  # constant features: no division by zero
     )
     x = norm(inputs)
     for i, units in enumerate(hidden):

@@ -11,6 +11,7 @@ import numpy as np
 
 import shardformat
 from shardformat import ShardMetadata
+from stage2_classify.data import DatasetError, labelled_mask
 from stage2_classify.rundir import check_run
 
 
@@ -19,92 +20,121 @@ class LoadedRun:
     path: Path
     model: object
     classes: list[str]
-    metadata: ShardMetadata
+    metadata: ShardMetadata  # the stage-1 metadata of the shards the model was trained on
 
 
 def load_run(run_dir: str | os.PathLike) -> LoadedRun:
-    """Load a complete run directory. The model is loaded with Keras' safe mode: no code, no pickle."""
-    import keras
-
+    """Load a complete run directory. The model is loaded with Keras' safe mode: no code, nothing unpickled."""
     from stage2_classify import _check_backend
 
-    _check_backend()
     path = check_run(run_dir)
+    _check_backend()
+    import keras
+
     model = keras.saving.load_model(path / "model.keras", compile=False, safe_mode=True)
     classes = json.loads((path / "labels.json").read_text())
     meta = ShardMetadata.from_json((path / "shard_metadata.json").read_text())
-    return LoadedRun(path, model, classes, meta)
+    n_out = int(model.outputs[0].shape[-1])
+    if not isinstance(classes, list) or len(classes) != n_out:
+        raise DatasetError(f"{path}: labels.json lists {len(classes)} classes but the model has {n_out} outputs")
+    return LoadedRun(path, model, [str(c) for c in classes], meta)
+
+
+def _read(shards, run: LoadedRun) -> shardformat.FeatureSet:
+    """The shards' vectors, refused unless made like the ones the model was trained on."""
+    fs = shardformat.read_features(shards, expect=run.metadata)
+    if len(fs) == 0 or fs.metadata is None:
+        raise DatasetError(f"{os.fspath(shards)}: no feature shards (part-*.parquet) found; "
+                           f"run stage1-extract --out {os.fspath(shards)} first")
+    return fs
 
 
 def _probabilities(run: LoadedRun, features: np.ndarray) -> np.ndarray:
-    if len(features) == 0:
-        return np.zeros((0, len(run.classes)), np.float32)
-    return np.asarray(run.model.predict(features, batch_size=4096, verbose=0), dtype=np.float32)
+    from stage2_classify.train import predict_proba
+
+    return predict_proba(run.model, features)
+
+
+def _atomic_write(write, out: str) -> None:
+    parent = os.path.dirname(os.path.abspath(out)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(out)}")
+    try:
+        write(tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 def predict(shards: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike) -> str:
-    """Write path, predicted label, its probability and one probability column per class for every row.
+    """Write one row per shard row: ``path``, ``label`` (as stored, may be null), ``predicted``, its
+    ``probability`` and one ``prob_<class>`` column per class.
 
     Parquet, or CSV when ``out`` ends in ``.csv``. Shards made by another backbone, other weights or other
-    preprocessing than the model was trained on are refused.
+    preprocessing than the model was trained on are refused (:class:`shardformat.IncompatibleShardsError`).
+    Returns the path written.
     """
     import pyarrow as pa
     import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
 
     run = load_run(model)
-    fs = shardformat.read_features(shards, expect=run.metadata)
+    fs = _read(shards, run)
     probs = _probabilities(run, fs.features)
-    top = probs.argmax(axis=1) if len(probs) else np.zeros(0, np.int64)
+    top = probs.argmax(axis=1)
     columns = {
-        "path": pa.array(fs.paths.tolist(), pa.string()),
-        "label": pa.array(fs.labels.tolist(), pa.string()),
-        "predicted": pa.array([run.classes[i] for i in top], pa.string()),
-        "probability": pa.array(probs[np.arange(len(top)), top] if len(top) else [], pa.float32()),
+        "path": pa.array(fs.paths, pa.string()),
+        "label": pa.array(fs.labels, pa.string()),
+        "predicted": pa.DictionaryArray.from_arrays(pa.array(top, pa.int32()),
+                                                    pa.array(run.classes, pa.string())).cast(pa.string()),
+        "probability": pa.array(probs[np.arange(len(top)), top], pa.float32()),
     }
     for i, cls in enumerate(run.classes):
         columns[f"prob_{cls}"] = pa.array(probs[:, i], pa.float32())
     table = pa.table(columns)
     out = os.fspath(out)
-    parent = os.path.dirname(os.path.abspath(out))
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(out)}")
-    try:
-        if out.lower().endswith(".csv"):
-            pacsv.write_csv(table, tmp)
-        else:
-            fs_, path = shardformat.resolve(tmp)
-            shardformat.atomic_write_table(table, fs_, path)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    if out.lower().endswith(".csv"):
+        _atomic_write(lambda tmp: pacsv.write_csv(table, tmp), out)
+    else:
+        _atomic_write(lambda tmp: pq.write_table(table, tmp, compression="zstd"), out)
     return out
 
 
 def evaluate(shards: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike | None = None,
              verbose: int = 1) -> dict:
-    """Metrics of a trained run on every labelled row of ``shards`` (e.g. a held-out collection)."""
+    """Metrics of a trained run on every labelled row of ``shards`` (e.g. a held-out collection).
+
+    Rows without a label, and rows whose label the model was not trained on, are counted and skipped.
+    With ``out``, the metrics are also written there as JSON.
+    """
     from stage2_classify.metrics import classification_report, majority_rate
 
     run = load_run(model)
-    fs = shardformat.read_features(shards, expect=run.metadata)
-    index = {c: i for i, c in enumerate(run.classes)}
-    known = np.fromiter((lbl in index for lbl in fs.labels), dtype=bool, count=len(fs))
-    unlabelled = int(sum(lbl is None for lbl in fs.labels))
-    unknown = sorted({lbl for lbl in fs.labels[~known] if lbl is not None})
+    fs = _read(shards, run)
+    has_label = labelled_mask(fs.labels)
+    labels = fs.labels[has_label].astype(str)
+    known = np.isin(labels, np.asarray(run.classes, dtype=str))
+    unknown = sorted(set(np.unique(labels[~known]).tolist()))
     if not known.any():
-        raise ValueError(f"{shards}: no rows carry a label the model knows ({run.classes})")
-    y = np.fromiter((index[lbl] for lbl in fs.labels[known]), dtype=np.int64)
-    pred = _probabilities(run, fs.features[known]).argmax(axis=1)
+        raise DatasetError(f"{os.fspath(shards)}: no rows carry a label the model knows "
+                           f"({', '.join(run.classes[:10])}{', …' if len(run.classes) > 10 else ''})")
+    order = np.argsort(np.asarray(run.classes, dtype=str))
+    y = order[np.searchsorted(np.asarray(run.classes, dtype=str), labels[known], sorter=order)]
+    pred = _probabilities(run, fs.features[has_label][known]).argmax(axis=1)
     report = classification_report(y, pred, run.classes)
     report["majority_rate"] = majority_rate(y)
-    report["unlabelled_rows"] = unlabelled
+    report["unlabelled_rows"] = int((~has_label).sum())
     report["unknown_labels"] = unknown
+    report["unknown_label_rows"] = int((~known).sum())
     if out is not None:
-        Path(out).write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1)
+        _atomic_write(lambda tmp: Path(tmp).write_text(text), os.fspath(out))
     if verbose:
-        print(f"evaluated {report['n']} rows of {shards} with {run.path}: accuracy {report['accuracy']:.3f}, "
-              f"macro-F1 {report['macro_f1']:.3f} (majority rate {report['majority_rate']:.3f})"
-              + (f"; {unlabelled} unlabelled rows skipped" if unlabelled else "")
-              + (f"; labels unknown to the model skipped: {unknown}" if unknown else ""))
+        print(f"evaluated {report['n']} rows of {os.fspath(shards)} with {run.path}: accuracy "
+              f"{report['accuracy']:.3f}, macro-F1 {report['macro_f1']:.3f} "
+              f"(majority-class rate {report['majority_rate']:.3f})"
+              + (f"; {report['unlabelled_rows']} unlabelled rows skipped" if report["unlabelled_rows"] else "")
+              + (f"; {report['unknown_label_rows']} rows with labels unknown to the model skipped: {unknown[:10]}"
+                 if unknown else ""))
     return report

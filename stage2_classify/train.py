@@ -2,51 +2,70 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
+import sys
 import time
 from typing import Sequence
 
 import numpy as np
 
-from stage2_classify.data import Dataset, DatasetError, load_dataset, split_from_file, stratified_split
+from stage2_classify.data import (Dataset, DatasetError, load_dataset, split_from_file, split_notes,
+                                  stratified_split)
 from stage2_classify.metrics import classification_report, majority_rate
+
+IMBALANCE_RATIO = 1.5  # class_weight="auto" balances when the largest class is more than this × the smallest
 
 
 @dataclasses.dataclass
 class TrainOptions:
-    hidden: Sequence[int] = (256,)
+    """Everything that decides a trained head (written to ``config.json``)."""
+
+    hidden: Sequence[int] = (256,)  # () = linear head
     dropout: float = 0.3
     learning_rate: float = 1e-3
     epochs: int = 50
     batch_size: int = 256
-    patience: int = 5
+    patience: int = 5  # early stopping on validation loss; the best epoch's weights are restored
     seed: int = 0
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     class_weight: str = "auto"  # auto | balanced | none
-    split_file: str | None = None
+    split_file: str | None = None  # CSV/Parquet with columns path, split (train/val/test)
+    matmul_precision: str = "highest"  # torch float32 matmuls: "high"/"medium" allow TF32 (GPU) or bf16 (CPU)
 
     def __post_init__(self) -> None:
         self.hidden = tuple(int(h) for h in self.hidden)
         if any(h <= 0 for h in self.hidden):
-            raise ValueError(f"hidden sizes must be positive, got {self.hidden} (use () for a linear head)")
+            raise ValueError(f"hidden sizes must be positive, got {self.hidden} (use () or 0 for a linear head)")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if not self.learning_rate > 0:
+            raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if self.class_weight not in ("auto", "balanced", "none"):
             raise ValueError(f"class_weight must be auto, balanced or none, not {self.class_weight!r}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise ValueError("epochs and batch_size must be at least 1")
+        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
+            raise ValueError("epochs and batch_size must be at least 1, patience at least 0")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
+                and self.val_fraction + self.test_fraction < 1):
+            raise ValueError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be "
+                             "in [0, 1) and sum to less than 1")
+        if self.matmul_precision not in ("highest", "high", "medium"):
+            raise ValueError(f"matmul_precision must be highest, high or medium, not {self.matmul_precision!r}")
+        if self.split_file is not None:
+            self.split_file = os.fspath(self.split_file)
 
 
 @dataclasses.dataclass
 class TrainResult:
     run_dir: str
-    metrics: dict
-    history: dict
+    metrics: dict  # per split: accuracy, macro_f1, per_class, confusion_matrix
+    history: dict  # per epoch: loss, accuracy, val_loss, val_accuracy
     classes: list[str]
     summary: str
+    model: object = dataclasses.field(default=None, repr=False)  # the trained keras.Model (also in run_dir)
 
 
 @dataclasses.dataclass
@@ -59,12 +78,13 @@ class FittedHead:
 
 
 def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
-    """Balanced weights n / (k · n_c); ``auto`` applies them when the largest class is >1.5× the smallest."""
+    """Balanced weights n / (k · n_c) over the k classes present; ``auto`` applies them only when the largest
+    class has more than ``IMBALANCE_RATIO`` × the rows of the smallest."""
     counts = np.bincount(y, minlength=n_classes).astype(np.float64)
     present = counts > 0
     if mode == "none" or not present.any():
         return None
-    if mode == "auto" and counts[present].max() / counts[present].min() <= 1.5:
+    if mode == "auto" and counts[present].max() / counts[present].min() <= IMBALANCE_RATIO:
         return None
     weights = np.where(present, counts.sum() / (present.sum() * np.maximum(counts, 1)), 0.0)
     return {i: float(w) for i, w in enumerate(weights)}
@@ -73,106 +93,158 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
 def make_split(ds: Dataset, opts: TrainOptions) -> dict[str, np.ndarray]:
     if opts.split_file:
         return split_from_file(ds.paths, opts.split_file)
-    return stratified_split(ds.labels, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction,
-                            seed=opts.seed)
+    return stratified_split(ds.y, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=opts.seed)
+
+
+def column_stats(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and variance in float64, two passes in chunks (no full-size temporary)."""
+    n = len(x)
+    total = np.zeros(x.shape[1], np.float64)
+    for s in range(0, n, chunk):
+        total += x[s:s + chunk].sum(axis=0, dtype=np.float64)
+    mean = total / max(n, 1)
+    sq = np.zeros_like(total)
+    for s in range(0, n, chunk):
+        d = x[s:s + chunk] - mean.astype(np.float32)
+        sq += np.einsum("ij,ij->j", d, d, dtype=np.float64)
+    return mean, sq / max(n, 1)
+
+
+@contextlib.contextmanager
+def matmul_precision(precision: str):
+    """Torch's float32 matmul precision for the duration of a fit (restored afterwards).
+
+    "highest" is plain float32. "medium" lets oneDNN use bfloat16 on CPUs that have it (AVX512-BF16/AMX:
+    about 2.5x faster matmuls on this project's benchmark machine) and TF32 on NVIDIA GPUs; on CPUs without
+    bf16 units it can be slower. Predictions always run at the default precision.
+    """
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, verbose: int = 1) -> FittedHead:
     """Fit one head on the train split, early-stopping on validation loss with the best weights restored."""
-    import keras
-
     from stage2_classify import _check_backend
-    from stage2_classify.model import build_head
 
     _check_backend()
+    import keras
+
+    from stage2_classify.model import build_head
+
     keras.utils.set_random_seed(opts.seed)
-    y = ds.y
     tr, va = split["train"], split["validation"]
-    x_train = ds.features[tr]
+    x_train, y_train = ds.features[tr], ds.y[tr]
+    mean, variance = column_stats(x_train)
     model = build_head(ds.features.shape[1], len(ds.classes), hidden=opts.hidden, dropout=opts.dropout,
-                       learning_rate=opts.learning_rate, mean=x_train.mean(axis=0), variance=x_train.var(axis=0))
+                       learning_rate=opts.learning_rate, mean=mean, variance=variance)
     has_val = len(va) > 0
     monitor = "val_loss" if has_val else "loss"
     callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=opts.patience, restore_best_weights=True)]
-    cw = class_weights(y[tr], len(ds.classes), opts.class_weight)
+    cw = class_weights(y_train, len(ds.classes), opts.class_weight)
     t0 = time.perf_counter()
-    hist = model.fit(
-        x_train, y[tr],
-        validation_data=(ds.features[va], y[va]) if has_val else None,
-        epochs=opts.epochs, batch_size=opts.batch_size, shuffle=True,
-        class_weight=cw, callbacks=callbacks, verbose=verbose,
-    )
+    with matmul_precision(opts.matmul_precision):
+        hist = model.fit(
+            x_train, y_train,
+            validation_data=(ds.features[va], ds.y[va]) if has_val else None,
+            epochs=opts.epochs, batch_size=opts.batch_size, shuffle=True,
+            class_weight=cw, callbacks=callbacks, verbose=verbose,
+        )
     seconds = time.perf_counter() - t0
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
-    series = history.get(monitor, [0.0])
-    return FittedHead(model, history, int(np.argmin(series)) + 1, seconds, cw)
+    series = history.get(monitor) or [0.0]
+    return FittedHead(model, history, int(np.nanargmin(series)) + 1, seconds, cw)
 
 
-def predict_classes(model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def predict_proba(model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
     if len(features) == 0:
-        return np.zeros((0,), np.int64)
-    return np.asarray(model.predict(features, batch_size=batch_size, verbose=0)).argmax(axis=1)
+        return np.zeros((0, int(model.outputs[0].shape[-1])), np.float32)
+    return np.asarray(model.predict(features, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
 def evaluate_splits(model, ds: Dataset, split: dict[str, np.ndarray]) -> dict:
-    y = ds.y
     out = {}
     for name in ("train", "validation", "test"):
         idx = split.get(name, np.zeros(0, np.int64))
         if len(idx):
-            out[name] = classification_report(y[idx], predict_classes(model, ds.features[idx]), ds.classes)
+            pred = predict_proba(model, ds.features[idx]).argmax(axis=1)
+            out[name] = classification_report(ds.y[idx], pred, ds.classes)
     return out
 
 
-def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str) -> str:
-    y = ds.y
+def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str, notes: list[str]) -> str:
+    n_split = "/".join(str(len(split.get(k, ()))) for k in ("train", "validation", "test"))
     lines = [
         f"stage 2 done: {run_dir}",
-        f"  data     {len(ds.labels)} labelled vectors ({ds.metadata.backbone}, {ds.features.shape[1]}-d), "
-        f"{len(ds.classes)} classes; train/val/test {len(split['train'])}/{len(split['validation'])}/{len(split['test'])}"
-        + (f"; {ds.unlabelled} unlabelled rows left out" if ds.unlabelled else ""),
-        f"  training {len(fitted.history.get('loss', []))} epochs in {fitted.seconds:.1f}s, best epoch {fitted.best_epoch}"
+        f"  data       {len(ds.y)} labelled vectors ({ds.metadata.backbone}, {ds.features.shape[1]}-d), "
+        f"{len(ds.classes)} classes; train/val/test {n_split}"
+        + (f"; {ds.unlabelled} unlabelled row{'s' if ds.unlabelled != 1 else ''} left out" if ds.unlabelled else ""),
+        f"  training   {len(fitted.history.get('loss', []))} epochs in {fitted.seconds:.1f}s, best epoch "
+        f"{fitted.best_epoch} (weights restored)"
         + ("; balanced class weights (classes are imbalanced)" if fitted.class_weight else ""),
     ]
     for name in ("validation", "test"):
         if name in metrics:
             m = metrics[name]
-            lines.append(f"  {name:10s} accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
-    if len(split["test"]):
-        lines.append(f"  majority-class rate on test: {majority_rate(y[split['test']]):.3f}")
-    lines.append(f"  files    model.keras, metrics.json, curves.png, confusion_matrix.png in {run_dir}")
+            lines.append(f"  {name:11s}accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
+    if len(split.get("test", ())):
+        lines.append(f"  baseline   majority-class rate on test {majority_rate(ds.y[split['test']]):.3f}")
+    lines += [f"  note       {note}" for note in notes]
+    lines.append("  files      model.keras, metrics.json, curves.png, confusion_matrix.png")
     return "\n".join(lines)
 
 
-def train(shards: str | os.PathLike, out: str | os.PathLike, *, verbose: int = 1, dataset: Dataset | None = None,
-          **options) -> TrainResult:
+def resolve_verbose(verbose) -> int:
+    """Keras verbosity: ``"auto"`` is a progress bar on a terminal and one line per epoch otherwise."""
+    if verbose == "auto":
+        return 1 if sys.stdout.isatty() else 2
+    return int(verbose)
+
+
+def train(shards: str | os.PathLike, out: str | os.PathLike, *, verbose: int | str = "auto",
+          dataset: Dataset | None = None, **options) -> TrainResult:
     """Train a head on the shards in ``shards`` and write a complete run directory ``out`` atomically.
 
     Options are :class:`TrainOptions` fields (hidden, dropout, learning_rate, epochs, batch_size, patience,
-    seed, val_fraction, test_fraction, class_weight, split_file).
+    seed, val_fraction, test_fraction, class_weight, split_file, matmul_precision). ``verbose``: 0 silent, 1 progress bar,
+    2 one line per epoch, ``"auto"`` (1 on a terminal, else 2); the summary is printed unless 0.
+    Pass ``dataset=load_dataset(shards)`` to reuse vectors already in memory.
     """
+    from stage2_classify import _check_backend
     from stage2_classify.plots import plot_confusion, plot_curves
     from stage2_classify.rundir import RunWriter
 
     opts = TrainOptions(**options)
+    verbose = resolve_verbose(verbose)
+    _check_backend()  # before minutes of loading, not after
     ds = dataset if dataset is not None else load_dataset(shards)
     split = make_split(ds, opts)
     if len(split["train"]) == 0:
-        raise DatasetError(f"{shards}: no training rows after the split")
+        raise DatasetError(f"{os.fspath(shards)}: no training rows after the split")
+    notes = split_notes(ds.y, ds.classes, split)
     fitted = fit_head(ds, split, opts, verbose=verbose)
     metrics = evaluate_splits(fitted.model, ds, split)
     metrics["majority_rate_test"] = majority_rate(ds.y[split["test"]]) if len(split["test"]) else None
+    metrics["classes"] = ds.classes
     writer = RunWriter(out)
     try:
         writer.write_json("labels.json", ds.classes)
-        (writer.tmp / "shard_metadata.json").write_text(ds.metadata.to_json())
-        writer.write_json("config.json", {**dataclasses.asdict(opts), "shards": os.fspath(shards),
-                                          "class_weight_used": fitted.class_weight})
+        writer.write_text("shard_metadata.json", ds.metadata.to_json())
+        writer.write_json("config.json", {
+            **dataclasses.asdict(opts), "shards": os.fspath(shards), "feature_dim": int(ds.features.shape[1]),
+            "class_weight_used": fitted.class_weight, "unlabelled_rows_left_out": ds.unlabelled,
+            "split_sizes": {k: int(len(v)) for k, v in split.items()}, "notes": notes,
+        })
         writer.write_json("metrics.json", metrics)
         writer.write_json("history.json", fitted.history)
         writer.write_json("split.json", {k: ds.paths[v].tolist() for k, v in split.items()})
         plot_curves(fitted.history, writer.path("curves.png"), fitted.best_epoch)
-        cm_split = "test" if "test" in metrics else "validation" if "validation" in metrics else "train"
+        cm_split = next(s for s in ("test", "validation", "train") if s in metrics)
         plot_confusion(np.asarray(metrics[cm_split]["confusion_matrix"]), ds.classes,
                        writer.path("confusion_matrix.png"), title=f"confusion matrix ({cm_split})")
         fitted.model.save(writer.path("model.keras"))
@@ -186,7 +258,7 @@ def train(shards: str | os.PathLike, out: str | os.PathLike, *, verbose: int = 1
     except BaseException:
         writer.discard()
         raise
-    summary = _summary(ds, split, fitted, metrics, str(final))
+    summary = _summary(ds, split, fitted, metrics, str(final), notes)
     if verbose:
         print(summary, flush=True)
-    return TrainResult(str(final), metrics, fitted.history, ds.classes, summary)
+    return TrainResult(str(final), metrics, fitted.history, ds.classes, summary, fitted.model)
