@@ -20,8 +20,8 @@ import sys
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
 # OpenMP threads that spin while waiting (the default) stall for whole scheduler slices when another
-# process (stage 1, a second training) holds a core: measured 5-35x slower training on a busy 2-core
-# machine, and no loss when idle. Only takes effect if torch is not imported yet; a user's value wins.
+# process (stage 1, a second training) holds a core: training measured 5-50x slower on a busy 2-core
+# machine (docs/stage2.md). Only takes effect if torch is not imported yet; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 _BACKEND_HELP = ("stage2_classify needs Keras' 'torch' backend. Set KERAS_BACKEND=torch (or leave it unset) "
