@@ -27,6 +27,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/make_images.py --out bench/images
 	$(PY) bench/stage1.py --images bench/images/small
+	$(PY) bench/stage2.py
 
 clean:
 	rm -rf work bench/images
