@@ -77,6 +77,9 @@ class FeatureSession:
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.intra_op_num_threads = threads or _cpu_count()
         opts.inter_op_num_threads = 1
+        if wanted == ["CPUExecutionProvider"]:
+            # Idle intra-op threads sleep instead of spinning: on the CPU the decode workers need those cycles.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # onnxruntime-gpu logs an error when CUDA is missing; we check ourselves
         provider_list = []
         for name in wanted:
