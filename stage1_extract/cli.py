@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std", type=_triple, default=None, help="--onnx: RGB std on the 0–1 scale (default ImageNet)")
     p.add_argument("--interpolation", choices=["bilinear", "bicubic", "nearest", "lanczos"], default=None,
                    help="--onnx: resize filter (default bilinear)")
-    p.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default 32 on CPU, 256 on GPU)")
+    p.add_argument("--batch-size", type=int, default=None, help="images per inference batch (default 16 on CPU, 256 on GPU)")
     p.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto",
                    help="ONNX Runtime execution provider (auto: CUDA when a GPU is usable)")
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="fp16 is for GPUs")
