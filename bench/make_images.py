@@ -12,7 +12,7 @@ so that ``torchvision.datasets.ImageFolder`` and ``stage1-extract`` read the sam
 Deterministic: image i of a set depends only on (set, i), so N can grow without changing earlier files.
 Files that already exist are kept (rerunning is cheap); ``--force`` rewrites them.
 
-    python bench/make_images.py                    # 2000 small + 600 large
+    python bench/make_images.py                    # 2000 small + 1000 large
     python bench/make_images.py --small 500 --large 0
 """
 
@@ -120,7 +120,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "images"))
     p.add_argument("--small", type=int, default=2000, help="number of ~500×375 images (default 2000)")
-    p.add_argument("--large", type=int, default=600, help="number of ~2000×1500 images (default 600)")
+    p.add_argument("--large", type=int, default=1000, help="number of ~2000×1500 images (default 1000)")
     p.add_argument("--jobs", type=int, default=os.cpu_count() or 1)
     p.add_argument("--force", action="store_true", help="rewrite files that already exist")
     args = p.parse_args(argv)
