@@ -81,6 +81,9 @@ class RunWriter:
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         _fsync_dir(self.tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp made it 0700; a run dir is an ordinary folder
         if self.final.exists():
             check_replaceable(self.final)
             if _exchange(self.tmp, self.final):  # one atomic step: the old run until then, the new one after
