@@ -26,7 +26,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/make_images.py --out bench/images
-	$(PY) bench/stage1.py --images bench/images/small
+	$(PY) bench/stage1.py --rounds 3 --memory-check
 	$(PY) bench/stage2.py
 
 clean:
