@@ -44,7 +44,8 @@ def _is_local(fs: pafs.FileSystem) -> bool:
     return isinstance(fs, pafs.LocalFileSystem)
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str) -> None:
+    """Flush a folder's entry table so a rename inside it survives a power cut; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -93,7 +94,7 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
             if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = path  # "[Errno 28] No space left on device: '…/part-….parquet'", not a bare errno
             raise
-        _fsync_dir(parent)
+        fsync_dir(parent)
         return
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):

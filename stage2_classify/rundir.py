@@ -17,6 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from shardformat.io import fsync_dir
+
 MARKER = "run.json"
 REQUIRED = ("model.keras", "labels.json", "shard_metadata.json", "config.json", "metrics.json", MARKER)
 FILES = REQUIRED  # older name
@@ -28,16 +30,7 @@ class RunDirError(FileNotFoundError):
 
 
 def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    fsync_dir(str(path))
 
 
 def _pid_alive(pid: int) -> bool:
