@@ -73,7 +73,7 @@ def test_rows_repeating_a_path_are_read_once_keeping_the_newest_shard(tmp_path):
     other = tmp_path / "copies"
     write(other, "part-a-00000.parquet", ["x", "y"], content_ids=["same", "same"])
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
+        warnings.simplefilter("error", UserWarning)
         assert len(shardformat.read_features(other)) == 2
 
 
