@@ -109,7 +109,8 @@ def _top_up(assigned: np.ndarray, w: np.ndarray, unit_of_row: np.ndarray, y: np.
 
 
 def split_notes(y: np.ndarray, classes: list[str], split: dict[str, np.ndarray],
-                content_ids: np.ndarray | None = None, groups: np.ndarray | None = None) -> list[str]:
+                content_ids: np.ndarray | None = None, groups: np.ndarray | None = None,
+                from_file: bool = False) -> list[str]:
     """Human notes on a split: classes missing from a split and why, groups or duplicates that straddle
     splits (possible only with a split file), rows a split file left out."""
     notes = []
@@ -124,8 +125,8 @@ def split_notes(y: np.ndarray, classes: list[str], split: dict[str, np.ndarray],
         missing = [c for c, k, t in zip(classes, counts, train_counts) if k == 0 and t > 0]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            why = "fewer than 3 images (or groups) to stratify; kept for training" if units is not None else \
-                "not in the split file's " + name + " rows"
+            why = (f"not in the split file's {name} rows" if from_file
+                   else "fewer than 3 images or groups: too few to give every split one")
             notes.append(f"no {name} rows for {shown} ({why})")
     untrained = [c for c, t in zip(classes, np.bincount(y[split["train"]], minlength=len(classes))) if t == 0]
     if untrained:
