@@ -17,6 +17,7 @@ import contextlib
 import io
 import logging
 import math
+import os
 import re
 import threading
 import warnings
@@ -62,7 +63,7 @@ def frame_ref(path: str, index: int) -> str:
 def split_frame_ref(path: str) -> tuple[str, int | None]:
     """``scan.dcm#frame=3`` → (``scan.dcm``, 2), the 0-based frame index; any other path → (path, None)."""
     found = _FRAME_REF.match(path)
-    if found is None:
+    if found is None or os.path.exists(path):  # a file really named so is a file, not a frame
         return path, None
     return found["path"], int(found["number"]) - 1
 

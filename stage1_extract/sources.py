@@ -11,9 +11,12 @@ import os
 import re
 from pathlib import Path
 
+from stage1_extract.dicom import is_dicom_file
+
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k",
+    ".dcm", ".dicom", ".dic",  # DICOM; extension-less and UID-named DICOM files are recognised by content
 }
 
 
@@ -99,7 +102,7 @@ def _split_images(files, problems) -> list[tuple[str, str]]:
     kept = []
     for rel, abspath in files:
         ext = os.path.splitext(rel)[1].lower()
-        if ext in IMAGE_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS or is_dicom_file(abspath):
             kept.append((rel, abspath))
         else:
             problems.append((rel, f"skipped: extension {ext or '(none)'!r} is not an image type"))
