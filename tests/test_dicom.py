@@ -215,3 +215,53 @@ def test_16_bit_png_uses_the_percentile_window():
     want = np.rint(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     assert np.abs(got.astype(int) - want).max() <= 1
     assert got.std() > 40  # a plain /257 scaling would leave this image a flat dark grey
+
+
+def test_voi_lut_sequence_by_hand():
+    from pydicom.dataset import Dataset
+
+    ds = dataset("MR_small.dcm")
+    del ds.WindowCenter, ds.WindowWidth
+    first, n = 100, 2048
+    lut = (np.sqrt(np.arange(n)) * 90).astype(np.uint16)  # a non-linear VOI LUT, 12-bit output
+    item = Dataset()
+    item.LUTDescriptor = [n, first, 12]
+    item.add_new("LUTData", "US", lut.tolist())  # US: 16-bit values
+    ds.VOILUTSequence = [item]
+    x = stored_values(ds).astype(int)
+    out = lut[np.clip(x - first, 0, n - 1)].astype(np.float64)
+    want = np.rint((out - lut.min()) / (lut.max() - lut.min()) * 255).astype(np.uint8)
+    got = gray(dicom_pixels(to_bytes(ds)))
+    assert np.abs(got.astype(int) - want).max() <= 1
+
+
+def test_enhanced_multi_frame_functional_groups():
+    """Enhanced CT/MR keep rescale and window in functional groups, not at the top level: same result."""
+    from pydicom.dataset import Dataset
+
+    ds = dataset("CT_small.dcm")
+    ds.WindowCenter, ds.WindowWidth = 40, 400
+    flat = dicom_pixels(to_bytes(ds))
+    transform, voi, shared = Dataset(), Dataset(), Dataset()
+    transform.RescaleSlope, transform.RescaleIntercept = ds.RescaleSlope, ds.RescaleIntercept
+    voi.WindowCenter, voi.WindowWidth = 40, 400
+    shared.PixelValueTransformationSequence = [transform]
+    shared.FrameVOILUTSequence = [voi]
+    for key in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth"):
+        del ds[key]
+    assert not np.array_equal(dicom_pixels(to_bytes(ds)), flat)  # without the groups: another picture
+    ds.SharedFunctionalGroupsSequence = [shared]
+    assert np.array_equal(dicom_pixels(to_bytes(ds)), flat)
+
+
+def test_padding_is_left_out_of_the_percentile_window():
+    ds = dataset("CT_small.dcm")
+    stored = np.frombuffer(ds.PixelData, "<i2").reshape(ds.Rows, ds.Columns).copy()
+    stored[:40, :] = -2000  # a third of the image is padding outside the scan's field of view
+    ds.PixelData = stored.tobytes()
+    ds.PixelPaddingValue = -2000
+    values = stored.astype(np.float64) * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    lo, hi = np.percentile(values[stored != -2000], [0.5, 99.5])
+    want = np.rint(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    got = gray(dicom_pixels(to_bytes(ds)))
+    assert np.abs(got.astype(int) - want).max() <= 1
