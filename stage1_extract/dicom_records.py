@@ -24,8 +24,8 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from stage1_extract.dicom import DICOM_EXTENSIONS, frame_ref, is_dicom_file, read_dataset
-from stage1_extract.sources import IMAGE_EXTENSIONS, ImageRecord, Listing
+from stage1_extract.dicom import DICOM_EXTENSIONS, frame_ref, is_dicom_file, read_dataset, split_frame_ref
+from stage1_extract.sources import IMAGE_EXTENSIONS, Listing
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,9 @@ SALT_ENV = "HYBRID_TRANSFER_GROUP_SALT"
 GROUP_BY = {"patient": "PatientID", "study": "StudyInstanceUID", "none": None}
 FRAMES = ("first", "all")
 MIN_SALT_CHARS = 16
-_HEADER_TAGS = ["PatientID", "StudyInstanceUID", "NumberOfFrames"]
+# Rows (0028,0010) is a sentinel: elements come in tag order, so once it is read every tag above it was too
+_HEADER_TAGS = ["PatientID", "StudyInstanceUID", "NumberOfFrames", "Rows"]
+_HEAD_BYTES = 64 * 1024  # parsing the header from memory is ~2× faster than through a file (pydicom's tell())
 
 
 def salt_file() -> Path:
@@ -81,19 +83,26 @@ def group_id(identifier: str, salt: bytes, kind: str = "patient") -> str:
     return f"{kind}-{digest[:16]}"
 
 
-def _may_be_dicom(rec: ImageRecord) -> bool:
+def _may_be_dicom(path: str) -> bool:
     """DICOM extensions, and names no image type claims (UID-named or extension-less files) that hold DICOM."""
-    ext = os.path.splitext(rec.abspath)[1].lower()
+    ext = os.path.splitext(path)[1].lower()
     if ext in DICOM_EXTENSIONS:
         return True
-    return ext not in IMAGE_EXTENSIONS and is_dicom_file(rec.abspath)
+    return ext not in IMAGE_EXTENSIONS and is_dicom_file(path)
 
 
 def _header(path: str):
     """(identifier tags, number of frames) from the header alone, or None when it cannot be read (the
     decoder will then record why)."""
     try:
-        ds = read_dataset(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        with open(path, "rb") as fh:
+            head = fh.read(_HEAD_BYTES)
+        try:
+            ds = read_dataset(head, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+        except Exception:  # noqa: BLE001 - cut inside an element: read the whole header below
+            ds = None
+        if len(head) == _HEAD_BYTES and (ds is None or "Rows" not in ds):  # the header goes on past what was read
+            ds = read_dataset(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         frames = int(ds.get("NumberOfFrames") or 1)
         ids = {k: str(ds.get(k) or "").strip() for k in ("PatientID", "StudyInstanceUID")}
     except Exception:  # noqa: BLE001 - any damage: no group, one row; the decode error names the problem
@@ -111,13 +120,14 @@ def prepare_dicom_records(listing: Listing, *, frames: str = "first", group_by: 
         raise ValueError(f"dicom group must be one of {sorted(GROUP_BY)}, not {group_by!r}")
     if group_by == "none" and frames == "first":
         return listing
-    dicom = [r for r in listing.records if _may_be_dicom(r)]
+    files = {r.path: split_frame_ref(r.abspath) for r in listing.records}  # a file list may name single frames
+    dicom = [r for r in listing.records if _may_be_dicom(files[r.path][0])]
     if not dicom:
         return listing
     key = group_salt(salt) if group_by != "none" else b""
     tag = GROUP_BY[group_by]
     with ThreadPoolExecutor(max_workers=threads) as pool:  # headers are small reads: overlap their latency
-        headers = dict(zip((r.path for r in dicom), pool.map(lambda r: _header(r.abspath), dicom)))
+        headers = dict(zip((r.path for r in dicom), pool.map(lambda r: _header(files[r.path][0]), dicom)))
     records, missing = [], 0
     for rec in listing.records:
         found = headers.get(rec.path)
@@ -132,7 +142,7 @@ def prepare_dicom_records(listing: Listing, *, frames: str = "first", group_by: 
             else:
                 missing += 1
         rec = dataclasses.replace(rec, group=group)
-        if frames == "all" and n_frames > 1:
+        if frames == "all" and n_frames > 1 and files[rec.path][1] is None:
             records += [dataclasses.replace(rec, path=frame_ref(rec.path, k), abspath=frame_ref(rec.abspath, k))
                         for k in range(n_frames)]
         else:

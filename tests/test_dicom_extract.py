@@ -154,3 +154,22 @@ def test_gpu_decoder_code_passes_dicom_to_the_cpu_path(tmp_path, tiny):
     assert list(a.paths) == list(b.paths) and len(a.paths) == 6 and "mr/two.dcm#frame=2" in a.paths
     assert np.allclose(a.features, b.features, atol=1e-5)
     assert errors(cpu) == errors(torch_cpu)
+
+
+def test_file_list_rows_may_name_single_frames_and_the_cli_options(tmp_path, tiny, capsys):
+    from stage1_extract.cli import main
+
+    root = tmp_path / "cine"
+    root.mkdir()
+    two = pydicom.dcmread(pydicom.data.get_testdata_file("SC_rgb_rle_2frame.dcm", download=False))
+    two.PatientID = "SECRETPID-C"
+    two.save_as(root / "two.dcm")
+    (root / "list.csv").write_text("path,label\ntwo.dcm#frame=2,late\ntwo.dcm#frame=3,missing\n")
+    out = tmp_path / "out"
+    assert main(["--images", str(root / "list.csv"), "--out", str(out), "--onnx", str(tiny), "--input-size", "32",
+                 "--no-progress", "--dicom-group", "study", "--dicom-frames", "all"]) == 0
+    fs = shardformat.read_features(out)
+    assert list(fs.paths) == ["two.dcm#frame=2"] and list(fs.labels) == ["late"]
+    assert fs.groups[0] == group_id(str(two.StudyInstanceUID), SALT.encode(), "study")
+    assert errors(out) == {"two.dcm#frame=3": "DICOM frame 3 asked for; the file has 2"}
+    assert "SECRETPID" not in capsys.readouterr().out
