@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import stat
 import threading
 import warnings
 
@@ -46,11 +47,19 @@ def is_dicom(head: bytes) -> bool:
     return len(head) >= 8 and (head[:2] == b"\x08\x00" and head[3] == 0 or head[:3] == b"\x00\x08\x00")
 
 
+def read_head(path: str, size: int) -> bytes:
+    """A regular file's first ``size`` bytes; OSError for anything else (a FIFO must not block the listing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
+        return fh.read(size)
+
+
 def is_dicom_file(path: str) -> bool:
     """:func:`is_dicom` on a file's first bytes (False when it cannot be read: the decoder will say why)."""
     try:
-        with open(path, "rb") as fh:
-            return is_dicom(fh.read(132))
+        return is_dicom(read_head(path, 132))
     except OSError:
         return False
 

@@ -24,7 +24,14 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from stage1_extract.dicom import DICOM_EXTENSIONS, frame_ref, is_dicom_file, read_dataset, split_frame_ref
+from stage1_extract.dicom import (
+    DICOM_EXTENSIONS,
+    frame_ref,
+    is_dicom_file,
+    read_dataset,
+    read_head,
+    split_frame_ref,
+)
 from stage1_extract.sources import IMAGE_EXTENSIONS, Listing
 
 log = logging.getLogger(__name__)
@@ -95,8 +102,7 @@ def _header(path: str):
     """(identifier tags, number of frames) from the header alone, or None when it cannot be read (the
     decoder will then record why)."""
     try:
-        with open(path, "rb") as fh:
-            head = fh.read(_HEAD_BYTES)
+        head = read_head(path, _HEAD_BYTES)
         try:
             ds = read_dataset(head, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
         except Exception:  # noqa: BLE001 - cut inside an element: read the whole header below
