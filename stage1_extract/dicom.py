@@ -217,15 +217,15 @@ def _frame_view(ds, index: int):
 
 
 def _first_number(value) -> float | None:
-    if value is None or value == "":
+    """A DS element's value, or the first of several (Window Center/Width may list alternative views)."""
+    if value is None or isinstance(value, (str, bytes)) and not value.strip():
         return None
+    if not isinstance(value, (str, bytes, float, int)):  # MultiValue
+        value = value[0] if len(value) else None
     try:
-        return float(value[0] if isinstance(value, (list, tuple)) or getattr(value, "VM", 1) > 1 else value)
-    except (TypeError, ValueError, IndexError):
-        try:
-            return float(list(value)[0])
-        except (TypeError, ValueError, IndexError):
-            return None
+        return float(value)
+    except (TypeError, ValueError):
+        return None
 
 
 def _gray_unit(stored: np.ndarray, ds, view) -> np.ndarray:
