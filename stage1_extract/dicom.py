@@ -30,6 +30,8 @@ from stage1_extract.windowing import percentile_window, range_unit, unit_to_uint
 
 DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic"}
 _FRAME_REF = re.compile(r"^(?P<path>.+)#frame=(?P<number>[1-9][0-9]*)$")
+_VRS = {vr.encode() for vr in ("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC "
+                                "UI UL UN UR US UT UV").split()}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Elements whose values could identify someone or quote free text: scrubbed from any reason we pass on.
 _TEXT_VRS = {"PN", "LO", "SH", "DA", "DT", "TM", "UI", "LT", "ST", "UT", "AS", "UC", "AE"}
@@ -44,7 +46,21 @@ def is_dicom(head: bytes) -> bool:
     header, as old ACR-NEMA exports are) that opens with a group-0008 element in either byte order."""
     if head[128:132] == b"DICM":
         return True
-    return len(head) >= 8 and (head[:2] == b"\x08\x00" and head[3] == 0 or head[:3] == b"\x00\x08\x00")
+    if len(head) < 12:
+        return False
+    if head[:3] == b"\x00\x08\x00":  # big endian: always explicit VR
+        return head[4:6] in _VRS
+    if head[:2] != b"\x08\x00" or head[3] != 0:
+        return False
+    if head[4:6] in _VRS:  # explicit VR little endian
+        return True
+    # implicit VR: a 32-bit length, then the value; group 0008 opens with its 4-byte group length or with text
+    # (SpecificCharacterSet, ImageType…). Binary headers that share the first bytes (a TGA's) fail this.
+    length = int.from_bytes(head[4:8], "little")
+    if head[2] == 0:
+        return length == 4
+    value = head[8:8 + min(length, len(head) - 8)]
+    return 0 < length <= 1024 and len(value) > 0 and all(32 <= b < 127 for b in value)
 
 
 def read_head(path: str, size: int) -> bytes:
@@ -141,7 +157,7 @@ def scrub(text: str, ds) -> str:
 
 def _describe(ds) -> str:
     """What a pixel-less object is (SOP class and modality), for the reason."""
-    sop = ds.get("SOPClassUID")
+    sop = ds.get("SOPClassUID") or ds.file_meta.get("MediaStorageSOPClassUID")  # a DICOMDIR states it only there
     kind = getattr(sop, "name", None) or "DICOM object of no stated SOP class"
     modality = str(ds.get("Modality") or "").strip()
     return f"{kind}" + (f" (modality {modality})" if modality else "")

@@ -382,8 +382,8 @@ def extract_ray(
         prepare_model,
         shard_metadata,
     )
-    from stage1_extract.lock import OutputLock
     from stage1_extract.dicom_records import prepare_dicom_records
+    from stage1_extract.lock import OutputLock
     from stage1_extract.sources import list_images
     from stage1_extract.writer import ShardWriteError, run_stamp
 

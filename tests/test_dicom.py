@@ -174,6 +174,12 @@ def test_recognised_by_content_not_extension():
     assert data[:4] == b"II*\x00"  # a TIFF header in the preamble: PIL alone would read it as a TIFF
     assert is_dicom(data[:132])
     assert not is_dicom(b"\xff\xd8\xff\xe0" + b"\x00" * 200)
+    # without the Part 10 header: the dataset's first element, in each encoding, is enough
+    for name in ("rtstruct.dcm", "ExplVR_LitEndNoMeta.dcm", "ExplVR_BigEndNoMeta.dcm"):
+        head = read_bytes(name)[:132]
+        assert head[128:132] != b"DICM" and is_dicom(head), name
+    tga = b"\x08\x00\x02\x00\x00\x00\x00\x00\x00\x00\x00\x00\x40\x00\x40\x00\x18\x00" + b"idstring" + b"\x00" * 100
+    assert not is_dicom(tga)  # a TGA with an 8-byte ID field opens with the same two bytes
     assert decode_image(data, PREP).shape == (32, 32, 3)
 
 
