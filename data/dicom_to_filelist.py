@@ -55,14 +55,15 @@ def read_labels(path: Path, key_column: str, label_column: str) -> tuple[dict[st
 
 
 def _header(path: str, key: str):
-    from stage1_extract.dicom import read_dataset
+    from stage1_extract.dicom import quiet_pydicom, read_dataset
 
     tags = ["PatientID", "StudyInstanceUID"] + ([] if key == "filename" else [key])
-    try:
-        ds = read_dataset(path, stop_before_pixels=True, specific_tags=tags)
-    except Exception:  # noqa: BLE001 - any unreadable header: counted, left out
-        return None
-    return {t: str(ds.get(t) or "").strip() for t in tags}
+    with quiet_pydicom():  # pydicom's warnings can quote the values; they are converted lazily, below too
+        try:
+            ds = read_dataset(path, stop_before_pixels=True, specific_tags=tags)
+            return {t: str(ds.get(t) or "").strip() for t in tags}
+        except Exception:  # noqa: BLE001 - any unreadable header: counted, left out
+            return None
 
 
 def convert(images: Path, labels_csv: Path, out: Path, *, key: str = "filename", key_column: str,

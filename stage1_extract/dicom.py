@@ -99,7 +99,7 @@ class _MuteWhileReading(logging.Filter):
     state = threading.local()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not getattr(self.state, "active", False)
+        return not getattr(self.state, "depth", 0)
 
 
 _MUTE = _MuteWhileReading()
@@ -111,13 +111,13 @@ def quiet_pydicom():
     logger = logging.getLogger("pydicom")
     if _MUTE not in logger.filters:
         logger.addFilter(_MUTE)
-    _MUTE.state.active = True
+    _MUTE.state.depth = getattr(_MUTE.state, "depth", 0) + 1  # nested uses: quiet until the outermost ends
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             yield
     finally:
-        _MUTE.state.active = False
+        _MUTE.state.depth -= 1
 
 
 def read_dataset(source, **options):

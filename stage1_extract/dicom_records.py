@@ -28,6 +28,7 @@ from stage1_extract.dicom import (
     DICOM_EXTENSIONS,
     frame_ref,
     is_dicom_file,
+    quiet_pydicom,
     read_dataset,
     read_head,
     split_frame_ref,
@@ -102,19 +103,20 @@ def _may_be_dicom(path: str) -> bool:
 
 def _header(path: str):
     """(identifier tags, number of frames) from the header alone, or None when it cannot be read (the
-    decoder will then record why)."""
-    try:
-        head = read_head(path, _HEAD_BYTES)
+    decoder will then record why). Values are converted lazily, so all of it runs with pydicom quiet."""
+    with quiet_pydicom():
         try:
-            ds = read_dataset(head, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        except Exception:  # noqa: BLE001 - cut inside an element: read the whole header below
-            ds = None
-        if len(head) == _HEAD_BYTES and (ds is None or "Rows" not in ds):  # the header goes on past what was read
-            ds = read_dataset(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-        frames = int(ds.get("NumberOfFrames") or 1)
-        ids = {k: str(ds.get(k) or "").strip() for k in ("PatientID", "StudyInstanceUID")}
-    except Exception:  # noqa: BLE001 - any damage: no group, one row; the decode error names the problem
-        return None
+            head = read_head(path, _HEAD_BYTES)
+            try:
+                ds = read_dataset(head, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            except Exception:  # noqa: BLE001 - cut inside an element: read the whole header below
+                ds = None
+            if len(head) == _HEAD_BYTES and (ds is None or "Rows" not in ds):  # the header goes on past the head
+                ds = read_dataset(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            frames = int(ds.get("NumberOfFrames") or 1)
+            ids = {k: str(ds.get(k) or "").strip() for k in ("PatientID", "StudyInstanceUID")}
+        except Exception:  # noqa: BLE001 - any damage: no group, one row; the decode error names the problem
+            return None
     return ids, max(1, frames)
 
 
@@ -134,7 +136,9 @@ def prepare_dicom_records(listing: Listing, *, frames: str = "first", group_by: 
         return listing
     key = group_salt(salt) if group_by != "none" else b""
     tag = GROUP_BY[group_by]
-    with ThreadPoolExecutor(max_workers=threads) as pool:  # headers are small reads: overlap their latency
+    # Headers are small reads: threads overlap their latency. The warnings filter is process-wide, so it is set
+    # here, once, for all of them (each thread's own catch_warnings then saves and restores a quiet state).
+    with quiet_pydicom(), ThreadPoolExecutor(max_workers=threads) as pool:
         headers = dict(zip((r.path for r in dicom), pool.map(lambda r: _header(files[r.path][0]), dicom)))
     records, missing = [], 0
     for rec in listing.records:

@@ -69,7 +69,8 @@ def make_dicom_tree(root: Path, secret: str = "SECRETPID") -> dict:
 
     ``ct/``: two CT slices of patient ``{secret}-A`` (one extension-less, as archives name files by UID);
     ``mr/``: MR of patient ``{secret}-B`` in two encodings, plus a truncated MR, a structured report and an
-    RTSTRUCT without the Part 10 header (all three must be recorded as errors). Returns the secrets written.
+    RTSTRUCT without the Part 10 header (all three must be recorded as errors). Returns the secrets written;
+    ``secret`` also prefixes each file's StudyInstanceUID.
     """
     import pydicom
     from pydicom.data import get_testdata_file
@@ -77,7 +78,8 @@ def make_dicom_tree(root: Path, secret: str = "SECRETPID") -> dict:
     def load(name):
         return pydicom.dcmread(get_testdata_file(name, download=False), force=True)
 
-    secrets = {"A": f"{secret}-A", "B": f"{secret}-B", "name": "Secretname^Person", "birth": "19010203"}
+    secrets = {"A": f"{secret}-A", "B": f"{secret}-B", "name": "Secretname^Person",
+               "birth": "1901-02-03"}  # not a valid DA: pydicom's warning about it would quote it
     files = {"ct/ct_small.dcm": ("CT_small.dcm", "A"), "ct/1.2.826.0.1.3680043.2.1125.1": ("693_J2KI.dcm", "A"),
              "mr/mr_small.dcm": ("MR_small.dcm", "B"), "mr/mr_rle.dcm": ("MR_small_RLE.dcm", "B"),
              "mr/mr_truncated.dcm": ("MR_truncated.dcm", "B"), "mr/report.dcm": ("test-SR.dcm", "B"),
@@ -87,6 +89,7 @@ def make_dicom_tree(root: Path, secret: str = "SECRETPID") -> dict:
         ds.PatientID = secrets[patient]
         ds.PatientName = secrets["name"]
         ds.PatientBirthDate = secrets["birth"]
+        ds.StudyInstanceUID = f"1.2.3.{secret}UID{patient}"  # letters: invalid, so pydicom's warning quotes it
         path = root / rel
         path.parent.mkdir(parents=True, exist_ok=True)
         # rtstruct.dcm has no preamble or file meta: keep it so (recognised by extension and content)
