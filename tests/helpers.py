@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -85,13 +86,17 @@ def make_dicom_tree(root: Path, secret: str = "SECRETPID") -> dict:
              "mr/mr_truncated.dcm": ("MR_truncated.dcm", "B"), "mr/report.dcm": ("test-SR.dcm", "B"),
              "mr/rtstruct.dcm": ("rtstruct.dcm", "B")}
     for rel, (name, patient) in files.items():
-        ds = load(name)
-        ds.PatientID = secrets[patient]
-        ds.PatientName = secrets["name"]
-        ds.PatientBirthDate = secrets["birth"]
-        ds.StudyInstanceUID = f"1.2.3.{secret}UID{patient}"  # letters: invalid, so pydicom's warning quotes it
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # rtstruct.dcm has no preamble or file meta: keep it so (recognised by extension and content)
-        ds.save_as(path, enforce_file_format=name != "rtstruct.dcm")
+        with warnings.catch_warnings():  # the invalid values below make pydicom warn here, in the test's own code
+            warnings.simplefilter("ignore")
+            _write_with_secrets(load(name), root / rel, secrets, secret, patient, keep_bare=name == "rtstruct.dcm")
     return secrets
+
+
+def _write_with_secrets(ds, path: Path, secrets: dict, secret: str, patient: str, keep_bare: bool) -> None:
+    ds.PatientID = secrets[patient]
+    ds.PatientName = secrets["name"]
+    ds.PatientBirthDate = secrets["birth"]
+    ds.StudyInstanceUID = f"1.2.3.{secret}UID{patient}"  # letters: invalid, so pydicom's warning quotes it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # rtstruct.dcm has no preamble or file meta: keep it so (recognised by extension and content)
+    ds.save_as(path, enforce_file_format=not keep_bare)

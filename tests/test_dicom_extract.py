@@ -36,7 +36,7 @@ def errors(out) -> dict[str, str]:
     return {e["path"]: e["reason"] for e in pq.read_table(os.path.join(out, "_errors.parquet")).to_pylist()}
 
 
-def test_extract_a_dicom_folder_with_groups_and_readable_errors(tmp_path, tiny, caplog, capfd):
+def test_extract_a_dicom_folder_with_groups_and_readable_errors(tmp_path, tiny, caplog, capfd, recwarn):
     caplog.set_level(logging.DEBUG)
     root = tmp_path / "images"
     secrets = make_dicom_tree(root)
@@ -65,7 +65,7 @@ def test_extract_a_dicom_folder_with_groups_and_readable_errors(tmp_path, tiny, 
 
     # No identifying value anywhere: shards, errors table, run summary, logs, console (workers' stderr too)
     captured = capfd.readouterr()
-    text = caplog.text + captured.out + captured.err
+    text = caplog.text + captured.out + captured.err + "".join(str(w.message) for w in recwarn)
     for value in [*secrets.values(), "SECRETPID"]:  # the prefix also marks the study UIDs
         assert value not in text
         for dirpath, _, names in os.walk(out):
