@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-regex", type=_group_regex, default=None,
                    help="folder inputs: a regex with one capture group, searched in each relative path, giving the "
                    r"image's group (e.g. a patient: '(patient\d+)'); stage 2 never splits a group")
+    p.add_argument("--dicom-group", choices=["patient", "study", "none"], default="patient",
+                   help="DICOM rows' group when none is given: a salted hash of PatientID (default) or "
+                   "StudyInstanceUID; the salt comes from HYBRID_TRANSFER_GROUP_SALT or a per-user secret file")
+    p.add_argument("--dicom-frames", choices=["first", "all"], default="first",
+                   help="multi-frame DICOM: the first frame (default) or one row per frame ('scan.dcm#frame=3')")
     p.add_argument("--out", help="output directory for the shards (created if needed)")
     p.add_argument("--backbone", default=None, help="registry name (default efficientnet_lite0; see --list-backbones)")
     p.add_argument("--weights", default=None, help="state_dict file for the backbone (torch.load weights_only)")
@@ -104,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
             interpolation=args.interpolation, batch_size=args.batch_size, provider=args.provider,
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
             shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
-            group_regex=args.group_regex,
+            group_regex=args.group_regex, dicom_group=args.dicom_group, dicom_frames=args.dicom_frames,
         )
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)

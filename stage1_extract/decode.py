@@ -75,11 +75,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
             if scaled is None:  # arbitrary float range: stretch to 0..255
                 lo, hi = float(arr.min()), float(arr.max())
                 scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        else:
-            arr = arr.astype(np.int64)
-            # 16-bit data (PNG/TIFF "I;16" or "I") is scaled down from 0..65535; 8-bit-range data is kept.
-            scaled = arr / 257.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else arr
-            scaled = np.clip(scaled, 0, 255)
+        elif arr.max(initial=0) > 255 or arr.min(initial=0) < 0 or mode.startswith("I;16"):
+            # 16-bit data (PNG/TIFF "I;16" or "I"): the windowing policy DICOM uses (robust percentile window)
+            from stage1_extract.windowing import auto_window_uint8
+
+            scaled = auto_window_uint8(arr)
+        else:  # 8-bit-range data in a wide mode is kept as it is
+            scaled = arr
         gray = Image.fromarray(np.rint(scaled).astype(np.uint8), mode="L")
         return gray.convert("RGB")
     return img.convert("RGB")
@@ -99,20 +101,24 @@ def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, floa
     return (left * sx, top * sy, (left + prep.input_size) * sx, (top + prep.input_size) * sy)
 
 
-def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False) -> np.ndarray:
+def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False, frame: int | None = None) -> np.ndarray:
     """Decode ``data`` into an ``input_size × input_size × 3`` uint8 RGB array.
 
     EXIF orientation is applied; animated images use their first frame. Only the region that survives
     the centre crop is resampled (PIL's ``box``), so a 10000×10 strip costs no more than a thumbnail.
     ``draft`` lets the JPEG decoder skip detail (DCT scaling) when the image is at least twice the
     size needed — much faster for large photographs, at a small change in pixels.
+    DICOM (recognised by content) is read by :mod:`stage1_extract.dicom`; ``frame`` picks a multi-frame
+    file's frame (0-based; default the first).
     """
+    from stage1_extract.dicom import dicom_image, is_dicom
+
     if not data:
         raise DecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            img = Image.open(io.BytesIO(data))
+            img = dicom_image(data, frame) if is_dicom(data[:132]) else Image.open(io.BytesIO(data))
             if draft and img.format == "JPEG":
                 w, h = img.size
                 need = prep.resize / min(w, h)

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata, read_index, resolve
+from stage1_extract.dicom_records import prepare_dicom_records
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
 from stage1_extract.plan import compact, make_plan
@@ -187,6 +188,9 @@ def extract(
     decode: str = "cpu",
     progress: bool = True,
     group_regex: str | None = None,
+    dicom_frames: str = "first",
+    dicom_group: str = "patient",
+    group_salt: str | None = None,
 ) -> ExtractSummary:
     """Extract pooled features for every image under ``images`` into Parquet shards in ``out``.
 
@@ -198,7 +202,10 @@ def extract(
     resizes on the GPU (other files fall back to PIL), which lifts the decode wall on GPU machines.
 
     Each image's ``group`` (e.g. a patient) comes from a file list's ``group`` column, or from ``group_regex``
-    (one capture group, searched in the relative path); stage 2 never splits a group.
+    (one capture group, searched in the relative path); stage 2 never splits a group. DICOM rows without one
+    get a salted hash of their PatientID (``dicom_group="study"``: StudyInstanceUID; ``"none"``: no group; the
+    salt: see :mod:`stage1_extract.dicom_records`). ``dicom_frames="all"``: one row per frame of a multi-frame
+    DICOM (path ``scan.dcm#frame=3``, 1-based) instead of its first frame only.
     """
     if decode not in DECODERS:
         raise ValueError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
@@ -212,7 +219,8 @@ def extract(
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = list_images(images, group_regex=group_regex)
+    listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
+                                    group_by=dicom_group, salt=group_salt)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []

@@ -43,7 +43,9 @@ class Batch:
 
 def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
     from stage1_extract.decode import DecodeError, content_id, decode_image
+    from stage1_extract.dicom import split_frame_ref
 
+    path, frame = split_frame_ref(path)  # "scan.dcm#frame=3": one frame of a multi-frame DICOM
     try:
         # O_NONBLOCK: opening a FIFO (listed in a file list, or swapped in after listing) must not wait forever
         # for a writer; it makes no difference to reading a regular file.
@@ -68,7 +70,7 @@ def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
         os.close(fd)
     cid = content_id(data)
     try:
-        out[...] = decode_image(data, prep, draft=draft)
+        out[...] = decode_image(data, prep, draft=draft, frame=frame)
     except DecodeError as exc:
         return str(exc), cid, size, mtime
     except Exception as exc:  # a decoder bug must cost one image, not the run

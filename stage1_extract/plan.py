@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stage1_extract.decode import content_id
+from stage1_extract.dicom import split_frame_ref
 from stage1_extract.sources import ImageRecord
 
 
@@ -30,7 +31,7 @@ class Plan:
 
 def _stat(path: str) -> tuple[int, int] | None:
     try:
-        st = os.stat(path)
+        st = os.stat(split_frame_ref(path)[0])  # one frame of a multi-frame DICOM: its file
     except OSError:
         return None
     return st.st_size, st.st_mtime_ns
@@ -38,7 +39,7 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 def _hash_file(path: str) -> str | None:
     try:
-        with open(path, "rb") as fh:
+        with open(split_frame_ref(path)[0], "rb") as fh:
             return content_id(fh.read())
     except OSError:
         return None

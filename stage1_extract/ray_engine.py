@@ -361,6 +361,9 @@ def extract_ray(
     decode: str = "cpu",
     progress: bool = True,
     group_regex: str | None = None,
+    dicom_frames: str = "first",
+    dicom_group: str = "patient",
+    group_salt: str | None = None,
 ):
     """:func:`stage1_extract.extract` on a Ray cluster; same options, same output, same summary.
 
@@ -379,6 +382,7 @@ def extract_ray(
         prepare_model,
         shard_metadata,
     )
+    from stage1_extract.dicom_records import prepare_dicom_records
     from stage1_extract.lock import OutputLock
     from stage1_extract.sources import list_images
     from stage1_extract.writer import ShardWriteError, run_stamp
@@ -393,7 +397,8 @@ def extract_ray(
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = list_images(images, group_regex=group_regex)
+    listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
+                                    group_by=dicom_group, salt=group_salt)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []

@@ -11,9 +11,12 @@ import os
 import re
 from pathlib import Path
 
+from stage1_extract.dicom import is_dicom_file, split_frame_ref
+
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k",
+    ".dcm", ".dicom", ".dic",  # DICOM; extension-less and UID-named DICOM files are recognised by content
 }
 
 
@@ -99,7 +102,7 @@ def _split_images(files, problems) -> list[tuple[str, str]]:
     kept = []
     for rel, abspath in files:
         ext = os.path.splitext(rel)[1].lower()
-        if ext in IMAGE_EXTENSIONS:
+        if ext in IMAGE_EXTENSIONS or is_dicom_file(abspath):
             kept.append((rel, abspath))
         else:
             problems.append((rel, f"skipped: extension {ext or '(none)'!r} is not an image type"))
@@ -214,13 +217,14 @@ def _list_file(path: Path) -> Listing:
             continue
         seen_paths.add(p)
         abspath = p if os.path.isabs(p) else str(base / p)
-        if os.path.isdir(abspath):
+        file = split_frame_ref(abspath)[0]  # a row may name one frame of a multi-frame DICOM: scan.dcm#frame=3
+        if os.path.isdir(file):
             problems.append((p, "is a directory"))
             continue
-        if not os.path.exists(abspath):
-            problems.append((p, "listed file does not exist" if not os.path.islink(abspath) else "broken symbolic link"))
+        if not os.path.exists(file):
+            problems.append((p, "listed file does not exist" if not os.path.islink(file) else "broken symbolic link"))
             continue
-        if not os.path.isfile(abspath):  # a FIFO or device: reading it could block or never end
+        if not os.path.isfile(file):  # a FIFO or device: reading it could block or never end
             problems.append((p, "not a regular file"))
             continue
         records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label),

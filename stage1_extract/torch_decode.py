@@ -21,6 +21,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stage1_extract.decode import DecodeError, content_id, decode_image
+from stage1_extract.dicom import split_frame_ref
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
 
@@ -29,6 +30,7 @@ MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much m
 
 def _read(path: str):
     """(bytes or None, reason, size, mtime) — file reading runs in threads, overlapping decode."""
+    path = split_frame_ref(path)[0]  # one frame of a multi-frame DICOM: read its file
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
         with os.fdopen(fd, "rb") as fh:
@@ -127,7 +129,9 @@ class TorchDecoder:
                         if img is not None and max(img.shape[1:]) / max(1, min(img.shape[1:])) <= MAX_ASPECT:
                             self._out[row] = self._resize_crop(img)
                         else:
-                            self._out[row] = torch.from_numpy(decode_image(data, self.prep).copy()).to(self.device)
+                            frame = split_frame_ref(paths[index])[1]  # DICOM and other non-JPEGs: the CPU path
+                            self._out[row] = torch.from_numpy(decode_image(data, self.prep, frame=frame).copy()).to(
+                                self.device)
                     except DecodeError as exc:
                         reason = str(exc)
                     except Exception as exc:  # noqa: BLE001 - one file, never the run

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -62,3 +63,40 @@ def make_tiny_onnx(path: Path, input_size: int = 32, channels: int = 8, seed: in
     model.ir_version = 8
     onnx.save(model, str(path))
     return path
+
+
+def make_dicom_tree(root: Path, secret: str = "SECRETPID") -> dict:
+    """A class-folder tree of pydicom's bundled files with patient data set to recognisable secrets.
+
+    ``ct/``: two CT slices of patient ``{secret}-A`` (one extension-less, as archives name files by UID);
+    ``mr/``: MR of patient ``{secret}-B`` in two encodings, plus a truncated MR, a structured report and an
+    RTSTRUCT without the Part 10 header (all three must be recorded as errors). Returns the secrets written;
+    ``secret`` also prefixes each file's StudyInstanceUID.
+    """
+    import pydicom
+    from pydicom.data import get_testdata_file
+
+    def load(name):
+        return pydicom.dcmread(get_testdata_file(name, download=False), force=True)
+
+    secrets = {"A": f"{secret}-A", "B": f"{secret}-B", "name": "Secretname^Person",
+               "birth": "1901-02-03"}  # not a valid DA: pydicom's warning about it would quote it
+    files = {"ct/ct_small.dcm": ("CT_small.dcm", "A"), "ct/1.2.826.0.1.3680043.2.1125.1": ("693_J2KI.dcm", "A"),
+             "mr/mr_small.dcm": ("MR_small.dcm", "B"), "mr/mr_rle.dcm": ("MR_small_RLE.dcm", "B"),
+             "mr/mr_truncated.dcm": ("MR_truncated.dcm", "B"), "mr/report.dcm": ("test-SR.dcm", "B"),
+             "mr/rtstruct.dcm": ("rtstruct.dcm", "B")}
+    for rel, (name, patient) in files.items():
+        with warnings.catch_warnings():  # the invalid values below make pydicom warn here, in the test's own code
+            warnings.simplefilter("ignore")
+            _write_with_secrets(load(name), root / rel, secrets, secret, patient, keep_bare=name == "rtstruct.dcm")
+    return secrets
+
+
+def _write_with_secrets(ds, path: Path, secrets: dict, secret: str, patient: str, keep_bare: bool) -> None:
+    ds.PatientID = secrets[patient]
+    ds.PatientName = secrets["name"]
+    ds.PatientBirthDate = secrets["birth"]
+    ds.StudyInstanceUID = f"1.2.3.{secret}UID{patient}"  # letters: invalid, so pydicom's warning quotes it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # rtstruct.dcm has no preamble or file meta: keep it so (recognised by extension and content)
+    ds.save_as(path, enforce_file_format=not keep_bare)

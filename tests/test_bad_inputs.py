@@ -145,13 +145,14 @@ def build_corpus(root: Path, refs: Path) -> None:
         assert im.mode == "CMYK"
         _png_ref(np.asarray(im.convert("RGB")), refs, "cmyk")
 
-    # 7. 16-bit grayscale PNG: scaled 0..65535 → 0..255 (by hand: /257, rounded)
+    # 7. 16-bit grayscale PNG: the robust percentile window (by hand: 0.5th–99.5th percentile → 0..255, rounded)
     ramp = (np.linspace(0, 65535, 60 * 40).reshape(40, 60) + np.asarray(base.convert("L"), np.float64) * 50) % 65536
     ramp = ramp.astype(np.uint16)
     _save(Image.fromarray(ramp), a / "gray16.png")
     with Image.open(a / "gray16.png") as im:
         assert im.mode.startswith("I"), im.mode
-    g8 = np.rint(ramp / 257.0).astype(np.uint8)
+    lo, hi = np.percentile(ramp.astype(np.float64), [0.5, 99.5])
+    g8 = np.rint(np.clip((ramp - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
     _png_ref(np.repeat(g8[..., None], 3, axis=2), refs, "gray16")
 
     # 8. palette PNG with a transparent index: transparent pixels over white (by hand)

@@ -221,3 +221,74 @@ def test_medmnist_errors(tmp_path, capsys):
     # a non-empty output folder is not written into without --force
     assert med.main([str(npz), "--out", str(tmp_path / "o2"), "--splits", "train", "--no-progress"]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------
+# DICOM folder + labels CSV → file list
+# ---------------------------------------------------------------------------------------------------
+
+def test_dicom_to_filelist_rsna_and_tcia_layouts(tmp_path, monkeypatch):
+    pydicom = pytest.importorskip("pydicom")
+    from pydicom.data import get_testdata_file
+
+    import pyarrow.parquet as pq
+
+    import shardformat
+    from stage1_extract import extract
+    from stage1_extract.dicom_records import group_id
+    from tests.helpers import make_tiny_onnx
+
+    conv = _load("dicom_to_filelist")
+    salt = "filelist-test-salt-0123456789"
+    monkeypatch.setenv("HYBRID_TRANSFER_GROUP_SALT", salt)
+    # RSNA-like: <patientId>.dcm, labels keyed by file name, several rows per patient (one per box)
+    rsna = tmp_path / "rsna" / "train_images"
+    rsna.mkdir(parents=True)
+    pids = ["pid-aaa111", "pid-bbb222", "pid-ccc333", "pid-ddd444"]
+    for pid, name in zip(pids, ["CT_small.dcm", "MR_small.dcm", "MR_small_RLE.dcm", "MR_small.dcm"]):
+        ds = pydicom.dcmread(get_testdata_file(name, download=False))
+        ds.PatientID = pid
+        ds.save_as(rsna / f"{pid}.dcm")
+    (rsna / "readme.txt").write_text("not dicom")
+    labels = tmp_path / "rsna" / "labels.csv"
+    labels.write_text("patientId,x,Target\npid-aaa111,1,1\npid-aaa111,5,1\npid-bbb222,,0\n"
+                      "pid-ccc333,1,0\npid-ccc333,2,1\n")  # ccc: rows disagree; ddd: no row
+    out = tmp_path / "rsna" / "list.csv"
+    assert conv.main([str(rsna), str(labels), "--out", str(out), "--key-column", "patientId",
+                      "--label-column", "Target"]) == 0
+    with open(out, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert rows == [
+        {"path": "train_images/pid-aaa111.dcm", "label": "1", "group": group_id("pid-aaa111", salt.encode())},
+        {"path": "train_images/pid-bbb222.dcm", "label": "0", "group": group_id("pid-bbb222", salt.encode())},
+    ]
+    # stage 1 reads it as a file list; the groups in the shards are the list's
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    s = extract(out, tmp_path / "feats", onnx=tiny, input_size=32, progress=False)
+    assert (s.extracted, s.errors) == (2, 0)
+    fs = shardformat.read_features(tmp_path / "feats")
+    assert dict(zip(fs.paths, fs.groups)) == {r["path"]: r["group"] for r in rows}
+
+    # TCIA-like: <PatientID>/<study>/<series>/1-01.dcm keyed by PatientID; --link-dir hides the identifiers
+    tcia = tmp_path / "tcia"
+    for pid, label in (("LIDC-X-0001", "nodule"), ("LIDC-X-0002", "clear")):
+        series = tcia / pid / "01-01-2000-study" / "1-series"
+        series.mkdir(parents=True)
+        ds = pydicom.dcmread(get_testdata_file("CT_small.dcm", download=False))
+        ds.PatientID = pid
+        ds.save_as(series / "1-01.dcm")
+    clinical = tmp_path / "clinical.csv"
+    clinical.write_text("Patient ID,Diagnosis\nLIDC-X-0001,nodule\nLIDC-X-0002,clear\n")
+    counts = conv.convert(tcia, clinical, tmp_path / "tcia.parquet", key="PatientID", key_column="Patient ID",
+                          label_column="Diagnosis", link_dir=tmp_path / "links")
+    assert counts == {"rows": 2}
+    listed = pq.read_table(tmp_path / "tcia.parquet").to_pylist()
+    assert sorted(r["label"] for r in listed) == ["clear", "nodule"]
+    for r in listed:
+        assert "LIDC" not in r["path"] and r["path"].startswith("links/" + r["label"] + "/")
+        assert os.path.realpath(tmp_path / r["path"]).endswith("1-01.dcm")
+    s = extract(tmp_path / "tcia.parquet", tmp_path / "feats2", onnx=tiny, input_size=32, progress=False)
+    assert (s.extracted, s.errors) == (2, 0)
+    for dirpath, _, names in os.walk(tmp_path / "feats2"):
+        for name in names:
+            assert b"LIDC-X" not in (Path(dirpath) / name).read_bytes()

@@ -238,3 +238,20 @@ def test_ray_engine_writes_groups_like_the_local_engine(tree, tiny, tmp_path):
     ga = dict(zip(*(lambda fs: (fs.paths, fs.groups))(shardformat.read_features(a))))
     gb = dict(zip(*(lambda fs: (fs.paths, fs.groups))(shardformat.read_features(b))))
     assert ga == gb and ga["cat/cat_003.jpg"] == "003"
+
+
+def test_dicom_folder_same_as_local_engine(tmp_path, tiny, monkeypatch):
+    pytest.importorskip("pydicom")
+    from tests.helpers import make_dicom_tree
+
+    monkeypatch.setenv("HYBRID_TRANSFER_GROUP_SALT", "ray-test-salt-0123456789")
+    root = tmp_path / "dicom"
+    make_dicom_tree(root)
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    extract(root, local, onnx=tiny, **TINY)
+    extract_ray(root, on_ray, onnx=tiny, **TINY)
+    a, b = shardformat.read_features(local), shardformat.read_features(on_ray)
+    assert list(a.paths) == list(b.paths) and len(a.paths) == 4
+    assert list(a.groups) == list(b.groups) and None not in set(a.groups)
+    assert np.allclose(a.features, b.features, atol=1e-5)
+    assert {e["path"]: e["reason"] for e in errors(local)} == {e["path"]: e["reason"] for e in errors(on_ray)}

@@ -49,12 +49,16 @@ def test_grayscale_modes_become_gray_rgb(chelsea):
         assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
 
 
-def test_16_bit_grayscale_is_scaled_not_clipped(chelsea):
+def test_16_bit_grayscale_gets_the_percentile_window(chelsea):
+    """16-bit grayscale: the 0.5–99.5th percentile window (the DICOM fallback policy), by hand, not a plain /257."""
     gray8 = np.asarray(chelsea.convert("L"), dtype=np.uint16)
     img16 = Image.fromarray(gray8 * 257)  # full 16-bit range
     assert img16.mode.startswith("I")
     got = decode_image(encode(img16, "PNG"), PREP)
-    want = decode_image(encode(Image.fromarray(gray8.astype(np.uint8)), "PNG"), PREP)
+    values = gray8.astype(np.float64) * 257
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    by_hand = np.rint(np.clip((values - lo) / (hi - lo), 0, 1) * 255).astype(np.uint8)
+    want = decode_image(encode(Image.fromarray(by_hand), "PNG"), PREP)
     assert np.abs(got.astype(int) - want).max() <= 1
 
 
