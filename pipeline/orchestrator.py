@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from shardformat import ShardMetadata
+from shardformat import ShardMetadata, atomic_write_json, read_json
 
 
 @dataclasses.dataclass
@@ -88,10 +87,12 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
     info = summary.as_dict()
     speed_file = Path(fdir) / "_extraction_speed.json"
     if info.get("extracted", 0) > 0:  # remember the speed of the run that did the work, for compare()
-        speed_file.write_text(json.dumps({"images_per_second": info["images_per_second"],
-                                          "provider": info["provider"], "images": info["extracted"]}))
-    elif speed_file.exists():
-        info["images_per_second"] = json.loads(speed_file.read_text())["images_per_second"]
+        atomic_write_json(speed_file, {"images_per_second": info["images_per_second"],
+                                       "provider": info["provider"], "images": info["extracted"]})
+    else:  # only a hint for compare(): a damaged file (disk full earlier) must not stop a run
+        remembered = read_json(speed_file, default={})
+        if isinstance(remembered, dict) and isinstance(remembered.get("images_per_second"), (int, float)):
+            info["images_per_second"] = remembered["images_per_second"]
     return info
 
 

@@ -7,7 +7,6 @@ never risks much work); the shard is then written atomically by a writer thread 
 from __future__ import annotations
 
 import datetime as dt
-import json
 import os
 import queue
 import secrets
@@ -17,7 +16,7 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from shardformat import ERRORS_FILE, ShardMetadata, atomic_write_table, resolve, write_shard
+from shardformat import ERRORS_FILE, ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -141,25 +140,5 @@ def write_errors(out: str, errors: list[dict]) -> None:
 
 
 def write_json(out: str, name: str, payload: dict) -> None:
-    fs, root = resolve(out)
-    data = json.dumps(payload, indent=1, default=str).encode()
-    path = f"{root}/{name}"
-    if isinstance(fs, pa.fs.LocalFileSystem):
-        tmp = f"{root}/.tmp-{secrets.token_hex(4)}-{name}"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:  # disk full or read-only: no half-written file left, and say which file
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if exc.filename is None:
-                exc.filename = path
-            raise
-    else:
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
+    """Write ``out/name`` as JSON, atomically (a local path or a URI)."""
+    atomic_write_json(f"{os.fspath(out).rstrip('/')}/{name}", payload)

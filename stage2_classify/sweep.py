@@ -11,6 +11,7 @@ import math
 import os
 from typing import Sequence
 
+from shardformat import atomic_write_text
 from stage2_classify.data import Dataset, DatasetError, load_dataset
 from stage2_classify.train import TrainOptions, evaluate_splits, fit_head, make_split, resolve_verbose
 
@@ -103,11 +104,11 @@ def sweep(shards: str | os.PathLike, out: str | os.PathLike | None = None, *,
     table = format_table(rows, sort_by)
     if out is not None:
         os.makedirs(out, exist_ok=True)
-        _atomic_text(os.path.join(out, "sweep.csv"), _csv(rows))
-        _atomic_text(os.path.join(out, "sweep.json"), json.dumps(
+        atomic_write_text(os.path.join(out, "sweep.csv"), _csv(rows))
+        atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(
             {"shards": os.fspath(shards), "sort_by": sort_by, "options": {k: v for k, v in dataclasses.asdict(base).items()
                                                      if k not in ("hidden", "dropout", "learning_rate")}, "rows": rows}, indent=1))
-        _atomic_text(os.path.join(out, "sweep.txt"), table + "\n")
+        atomic_write_text(os.path.join(out, "sweep.txt"), table + "\n")
     if verbose:
         print(table)
         if out is not None:
@@ -125,13 +126,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def format_table(rows: list[dict], sort_by: str = "val_accuracy") -> str:

@@ -408,7 +408,7 @@ def test_disk_full_while_compacting_old_shards(small_tree, tmp_path, monkeypatch
 
 @pytest.mark.faults
 def test_disk_full_while_writing_the_run_summary(small_tree, tmp_path, monkeypatch):
-    import stage1_extract.writer as writer_module
+    import shardformat.files as writer_module  # the one atomic writer every small file goes through
 
     root, state, tiny, ref = small_tree
     out = tmp_path / "out"
