@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shardformat import ShardMetadata, atomic_write_json, read_json
+from shardformat.layout import meta_file
 
 
 @dataclasses.dataclass
@@ -85,7 +86,8 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
     if progress:
         print(summary.format(), flush=True)
     info = summary.as_dict()
-    speed_file = Path(fdir) / "_extraction_speed.json"
+    speed_file = meta_file(fdir, "extraction_speed.json")  # beside the shards, not among them
+    Path(fdir, "_extraction_speed.json").unlink(missing_ok=True)  # where older versions kept it, among the shards
     if info.get("extracted", 0) > 0:  # remember the speed of the run that did the work, for compare()
         atomic_write_json(speed_file, {"images_per_second": info["images_per_second"],
                                        "provider": info["provider"], "images": info["extracted"]})

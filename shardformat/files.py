@@ -16,7 +16,7 @@ import os
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from shardformat.io import _is_local, fsync_dir, resolve
+from shardformat import io as _io  # looked up at call time: tests swap in other filesystems
 
 TMP_PREFIX = ".tmp-"
 _MISSING = object()
@@ -40,8 +40,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> s
     Returns ``path`` as a string. Missing parent folders are created.
     """
     target = os.fspath(path)
-    fs, full = resolve(target)
-    if not _is_local(fs):
+    fs, full = _io.resolve(target)
+    if not _io._is_local(fs):
         parent = full.rsplit("/", 1)[0]
         fs.create_dir(parent, recursive=True)
         with fs.open_output_stream(full) as out:
@@ -60,7 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> s
         _remove_quietly(tmp)
         _name_the_file(exc, full)
         raise
-    fsync_dir(parent)
+    _io.fsync_dir(parent)
     return target
 
 
@@ -81,7 +81,7 @@ def atomic_write_via_path(path: str | os.PathLike, write: Callable[[str], Any]) 
         _remove_quietly(tmp)
         _name_the_file(exc, full)
         raise
-    fsync_dir(parent)
+    _io.fsync_dir(parent)
     return os.fspath(path)
 
 
@@ -106,8 +106,8 @@ def read_json(path: str | os.PathLike, default: Any = _MISSING) -> Any:
     (for caches and hints that are rebuilt anyway); without it, such a file raises ``ValueError`` naming it."""
     target = os.fspath(path)
     try:
-        fs, full = resolve(target)
-        if _is_local(fs):
+        fs, full = _io.resolve(target)
+        if _io._is_local(fs):
             with open(full, "rb") as fh:
                 data = fh.read()
         else:

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata, read_index, resolve
+from shardformat.layout import errors_path, meta_dir
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
-from stage1_extract.plan import compact, make_plan
+from stage1_extract.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.sources import list_images
 from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "_run.json"
+SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
 
 
 class StrictModeError(RuntimeError):
@@ -49,6 +50,7 @@ class ExtractSummary:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     empty_classes: list[str] = dataclasses.field(default_factory=list)
     shards_written: int = 0
+    hidden_folders: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -73,9 +75,12 @@ class ExtractSummary:
                 f"shard writes {t.get('write', 0):.1f}s in background)"
             )
         if self.errors:
-            lines.append(f"  see {os.path.join(self.out, '_errors.parquet')} for the failed files and why")
+            lines.append(f"  see {errors_path(self.out)} for the failed files and why")
         if self.empty_classes:
             lines.append(f"  empty class folders (ignored): {', '.join(self.empty_classes)}")
+        if self.hidden_folders:
+            lines.append(f"  hidden folders (ignored; rename without the leading '.' to use them): "
+                         f"{', '.join(self.hidden_folders)}")
         return "\n".join(lines)
 
 
@@ -133,7 +138,7 @@ def default_workers(on_gpu: bool) -> int:
 
 def _clean_temporaries(out: str) -> None:
     if "://" not in out:
-        for tmp in glob.glob(os.path.join(out, ".tmp-*")):
+        for tmp in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(meta_dir(out), ".tmp-*")):
             try:
                 os.unlink(tmp)
             except OSError:
@@ -188,7 +193,7 @@ def extract(
 
     Incremental and resumable: images already in ``out`` (unchanged) are skipped, changed ones are
     re-extracted, removed ones are dropped from the shards. Bad images are recorded in
-    ``out/_errors.parquet`` and the run goes on, unless ``strict``.
+    ``OUT.meta/errors.parquet`` and the run goes on, unless ``strict``.
 
     ``decode="cpu"`` decodes with PIL in worker processes; ``decode="gpu"`` decodes JPEGs with nvJPEG and
     resizes on the GPU (other files fall back to PIL), which lifts the decode wall on GPU machines.
@@ -285,13 +290,13 @@ def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, pro
             f"{meta.describe()}. Use a separate --out for each backbone."
         )
     previous_errors = read_errors(out)
-    plan = make_plan(listing.records, index, previous_errors)
+    plan = make_plan(listing.records, index, previous_errors, broken=nonfinite_rows(out, index))
     listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
     seen_before = {e["path"] for e in previous_errors}
     listing_known = sum(e["path"] in seen_before for e in listing_errors)
     summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
                              already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
-                             empty_classes=listing.empty_classes)
+                             empty_classes=listing.empty_classes, hidden_folders=listing.hidden_folders)
     if strict and (listing_errors or plan.known_errors):
         first = (listing_errors or plan.known_errors)[0]
         write_errors(out, listing_errors + plan.known_errors)

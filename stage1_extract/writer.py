@@ -7,7 +7,6 @@ never risks much work); the shard is then written atomically by a writer thread 
 from __future__ import annotations
 
 import datetime as dt
-import os
 import queue
 import secrets
 import threading
@@ -16,7 +15,9 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from shardformat import ERRORS_FILE, ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
+from shardformat import ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
+from shardformat.schema import LEGACY_ERRORS_FILE
+from shardformat.layout import errors_path, legacy_errors_path, meta_file
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -119,15 +120,19 @@ class ShardWriteError(OSError):
 
 
 def read_errors(out: str) -> list[dict]:
+    """The errors table of ``out`` (``OUT.meta/errors.parquet``, or ``OUT/_errors.parquet`` from older runs)."""
     import pyarrow.parquet as pq
 
-    fs, root = resolve(out)
-    path = f"{root}/{ERRORS_FILE}"
-    try:
-        with fs.open_input_file(path) as fh:
-            return pq.read_table(fh).to_pylist()
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return []
+    for location in (errors_path(out), legacy_errors_path(out)):
+        fs, path = resolve(location)
+        try:
+            with fs.open_input_file(path) as fh:
+                return pq.read_table(fh).to_pylist()
+        except FileNotFoundError:
+            continue
+        except (OSError, pa.ArrowInvalid):
+            return []
+    return []
 
 
 def write_errors(out: str, errors: list[dict]) -> None:
@@ -135,10 +140,16 @@ def write_errors(out: str, errors: list[dict]) -> None:
     table = pa.Table.from_pylist(
         [{k: e.get(k) for k in ERRORS_SCHEMA.names} for e in rows], schema=ERRORS_SCHEMA
     )
-    fs, root = resolve(out)
-    atomic_write_table(table, fs, f"{root}/{ERRORS_FILE}")
+    fs, path = resolve(errors_path(out))
+    atomic_write_table(table, fs, path)
+    for location in (legacy_errors_path(out), legacy_errors_path(out).replace(LEGACY_ERRORS_FILE, "_run.json")):
+        legacy_fs, legacy = resolve(location)
+        try:  # now in the meta folder: out of the shard folder, so that globs there see shards only
+            legacy_fs.delete_file(legacy)
+        except OSError:
+            pass
 
 
 def write_json(out: str, name: str, payload: dict) -> None:
-    """Write ``out/name`` as JSON, atomically (a local path or a URI)."""
-    atomic_write_json(f"{os.fspath(out).rstrip('/')}/{name}", payload)
+    """Write ``name`` as JSON into the meta folder beside ``out`` (``OUT.meta/``), atomically."""
+    atomic_write_json(meta_file(out, name), payload)

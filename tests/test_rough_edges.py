@@ -58,9 +58,14 @@ def test_sweep_on_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, mon
 def test_pipeline_run_survives_an_empty_speed_file(tmp_path, monkeypatch):
     from pipeline import orchestrator
 
+    from shardformat.layout import meta_file
+
     fdir = tmp_path / "features"
     fdir.mkdir()
     (fdir / "_extraction_speed.json").write_text("")  # left by a disk-full error of an older version
+    speed = Path(meta_file(fdir, "extraction_speed.json"))
+    speed.parent.mkdir()
+    speed.write_text("")  # and by this one, had it not written atomically
 
     class Summary:
         def format(self):
@@ -78,6 +83,167 @@ def test_pipeline_run_survives_an_empty_speed_file(tmp_path, monkeypatch):
                         lambda *a, **k: type("S", (Summary,), {"as_dict": lambda self: {
                             "extracted": 5, "images_per_second": 12.5, "provider": "cpu"}})())
     orchestrator._extract(tmp_path / "imgs", str(fdir), progress=False)
-    assert shardformat.read_json(fdir / "_extraction_speed.json")["images_per_second"] == 12.5
+    assert shardformat.read_json(speed)["images_per_second"] == 12.5 and list(fdir.iterdir()) == []
     monkeypatch.setattr(stage1_extract, "extract", lambda *a, **k: Summary())
     assert orchestrator._extract(tmp_path / "imgs", str(fdir), progress=False)["images_per_second"] == 12.5
+
+
+# ---- the shard folder holds shards only -----------------------------------------------------------------------
+
+@pytest.fixture()
+def tiny(tmp_path_factory):
+    from tests.helpers import make_tiny_onnx
+
+    return make_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
+
+
+def _extract(images, out, tiny, **kw):
+    from stage1_extract import extract
+
+    return extract(images, out, onnx=tiny, input_size=32, progress=False, **kw)
+
+
+def test_everyday_globs_read_exactly_the_feature_rows(tmp_path, tiny):
+    import duckdb
+    import pandas as pd
+    import polars as pl
+    import pyarrow.parquet as pq
+
+    from shardformat.layout import errors_path
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=3)
+    (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "out"
+    s = _extract(images, out, tiny, shard_size=4)
+    assert (s.extracted, s.errors) == (9, 1)
+    assert duckdb.sql(f"select count(*) from read_parquet('{out}/*.parquet')").fetchall()[0][0] == 9
+    assert pl.read_parquet(f"{out}/*.parquet").height == 9
+    assert pl.read_parquet(out).height == 9
+    assert pd.read_parquet(out).shape[0] == 9 and pq.read_table(out).num_rows == 9
+    assert [e["path"] for e in pq.read_table(errors_path(out)).to_pylist()] == ["cat/broken.jpg"]
+    assert errors_path(out) in s.format()
+
+
+def test_errors_table_of_an_older_version_is_read_and_moved_out_of_the_shard_folder(tmp_path, tiny):
+    import pyarrow.parquet as pq
+
+    from shardformat.layout import errors_path
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=2)
+    (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "out"
+    _extract(images, out, tiny)
+    # lay the folder out as an older version did: errors table, summary and lock among the shards
+    os.replace(errors_path(out), out / "_errors.parquet")
+    (out / "_run.json").write_text("{}")
+    (out / "_lock").write_text("12345\n")
+    s = _extract(images, out, tiny)
+    assert (s.extracted, s.errors_known, s.errors_new) == (0, 1, 0)  # the old table was read: a known error
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith("part-")) == []
+    assert [e["path"] for e in pq.read_table(errors_path(out)).to_pylist()] == ["cat/broken.jpg"]
+
+
+# ---- listing: links, hidden folders, formats by content -----------------------------------------------------
+
+def test_a_link_to_a_sibling_class_never_takes_its_images(tmp_path, tiny):
+    from stage1_extract.sources import list_images
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=2)
+    os.symlink("../coffee", images / "cat" / "more")  # sorts before coffee: used to relabel coffee as cat
+    os.symlink("cat", images / "kitty")  # a class folder that is a link to another class
+    outside = make_image_tree(tmp_path / "elsewhere", per_class=1, classes=("space",)) / "space"
+    os.symlink(outside, images / "cat" / "external")  # outside the input: followed
+    listing = list_images(images)
+    labels = {r.path: r.label for r in listing.records}
+    assert sorted(p for p, lab in labels.items() if lab == "coffee") == ["coffee/coffee_000.jpg",
+                                                                          "coffee/coffee_001.jpg"]
+    assert "cat/external/space_000.jpg" in labels and not any(p.startswith(("cat/more", "kitty")) for p in labels)
+    reasons = dict(listing.problems)
+    assert "coffee" in reasons["cat/more"] and "loop" not in reasons["cat/more"]
+    assert "cat" in reasons["kitty"] and "loop" not in reasons["kitty"]
+    assert listing.empty_classes == []
+    s = _extract(images, tmp_path / "out", tiny)
+    assert s.empty_classes == [] and s.extracted == 7
+    fs = shardformat.read_features(tmp_path / "out")
+    assert {p: lab for p, lab in zip(fs.paths, fs.labels)}["coffee/coffee_000.jpg"] == "coffee"
+
+
+def test_a_real_link_loop_is_still_called_one(tmp_path):
+    from stage1_extract.sources import list_images
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=1)
+    os.symlink("..", images / "cat" / "up")
+    reasons = dict(list_images(images).problems)
+    assert "symbolic link loop" in reasons["cat/up"]
+
+
+def test_a_hidden_class_folder_is_reported_not_silently_dropped(tmp_path, tiny):
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=1, classes=("cat", "coffee"))
+    (images / ".space").mkdir()
+    import shutil
+
+    shutil.copy(images / "cat" / "cat_000.jpg", images / ".space" / "x.jpg")
+    s = _extract(images, tmp_path / "out", tiny)
+    assert s.hidden_folders == [".space"] and s.extracted == 2
+    assert "hidden folders (ignored" in s.format() and ".space" in s.format()
+
+
+def test_images_are_recognised_by_content_not_only_by_extension(tmp_path, tiny):
+    from PIL import Image, features
+
+    from stage1_extract.sources import list_images
+    from tests.helpers import photo
+
+    cls = tmp_path / "imgs" / "cat"
+    cls.mkdir(parents=True)
+    img = photo("chelsea").resize((40, 30))
+    img.save(cls / "a.qoi")
+    img.save(cls / "no_extension", "PNG")
+    img.save(cls / "photo.dat", "JPEG")
+    expected = {"cat/a.qoi", "cat/no_extension", "cat/photo.dat"}
+    if features.check("avif"):
+        img.save(cls / "b.avif")
+        expected.add("cat/b.avif")
+    (cls / "notes.txt").write_text("hello")
+    (cls / "data.bin").write_bytes(os.urandom(64))
+    listing = list_images(tmp_path / "imgs")
+    assert {r.path for r in listing.records} == expected
+    reasons = dict(listing.problems)
+    assert "not an image type" in reasons["cat/notes.txt"] and "cat/data.bin" in reasons
+    s = _extract(tmp_path / "imgs", tmp_path / "out", tiny)
+    assert (s.extracted, s.errors) == (len(expected), 2)
+
+
+# ---- a rerun repairs rows with non-finite vectors ------------------------------------------------------------
+
+def test_a_rerun_re_extracts_rows_with_nan_features(tmp_path, tiny):
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=2)
+    out = tmp_path / "out"
+    _extract(images, out, tiny)
+    good = shardformat.read_features(out)
+    shard = shardformat.list_shards(out)[0]
+    table = pq.read_table(shard)
+    feats = np.stack(table.column("feature").to_numpy(zero_copy_only=False)).astype(np.float32)
+    feats[1, 3] = np.nan  # a damaged row, as a bit flip or an older version could leave
+    column = pa.FixedSizeListArray.from_arrays(pa.array(feats.reshape(-1)), type=table.schema.field("feature").type)
+    damaged = table.set_column(table.schema.get_field_index("feature"), table.schema.field("feature"), column)
+    pq.write_table(damaged, shard)
+    with pytest.raises(shardformat.ShardFormatError, match="rerun stage1-extract"):
+        shardformat.read_features(out)
+    s = _extract(images, out, tiny)
+    assert (s.extracted, s.already_done, s.removed_rows) == (1, 5, 1)
+    repaired = shardformat.read_features(out)
+    order = np.argsort(repaired.paths)
+    np.testing.assert_allclose(repaired.features[order], good.features[np.argsort(good.paths)], rtol=1e-5)
