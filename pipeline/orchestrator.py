@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from shardformat import ShardMetadata, atomic_write_json, read_json
-from shardformat.layout import meta_file
+from shardformat.layout import meta_file, require_file_target, require_folder
 
 
 @dataclasses.dataclass
@@ -117,6 +117,7 @@ def run(
     into ``workdir/runs/<backbone>/<run_name>``."""
     import stage2_classify
 
+    require_folder(workdir, "--workdir")
     fdir = features_dir(workdir, backbone, weights=weights, onnx=onnx)
     t0 = time.perf_counter()
     extraction = _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size,
@@ -163,6 +164,7 @@ def predict(
     """
     import stage2_classify
 
+    require_file_target(out)  # before extracting, not after
     meta = model_metadata(model_dir)
     backbone = None
     if meta.backbone.startswith("onnx:"):

@@ -16,7 +16,8 @@ import os
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from shardformat import io as _io  # looked up at call time: tests swap in other filesystems
+from shardformat import io as _io
+from shardformat.layout import require_file_target  # looked up at call time: tests swap in other filesystems
 
 TMP_PREFIX = ".tmp-"
 _MISSING = object()
@@ -67,6 +68,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> s
 def atomic_write_via_path(path: str | os.PathLike, write: Callable[[str], Any]) -> str:
     """Like :func:`atomic_write` for libraries that want a file name rather than a file object
     (``pyarrow.csv.write_csv``, ``Figure.savefig``…): ``write(tmp_path)`` fills a local temporary file."""
+    require_file_target(path)
     full = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(full)
     os.makedirs(parent, exist_ok=True)

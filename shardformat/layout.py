@@ -41,3 +41,40 @@ def legacy_errors_path(directory: str | os.PathLike) -> str:
     """Where older versions wrote it (``<directory>/_errors.parquet``); read when the new one is absent."""
     base, query = _base(directory)
     return f"{base}/{LEGACY_ERRORS_FILE}{query}"
+
+
+def _first_existing(path: str) -> str:
+    while not os.path.lexists(path):
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    return path
+
+
+def require_folder(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, with one clear message, a local output folder that is a file or lies below a file.
+
+    Without this a user sees ``[Errno 17] File exists`` or ``[Errno 20] Not a directory``. URIs pass.
+    """
+    text = os.fspath(path)
+    if "://" in text:
+        return
+    full = os.path.abspath(os.path.expanduser(text))
+    existing = _first_existing(full)
+    if not os.path.isdir(existing):
+        where = "is a file" if existing == full else f"is inside {existing}, which is a file"
+        raise NotADirectoryError(f"{option} {text}: {where}, not a folder; choose another {option}")
+
+
+def require_file_target(path: str | os.PathLike, option: str = "--out") -> None:
+    """Refuse, with one clear message, an output file name that is a folder or lies below a file."""
+    text = os.fspath(path)
+    if "://" in text:
+        return
+    full = os.path.abspath(os.path.expanduser(text))
+    if text.endswith(("/", os.sep)) or os.path.isdir(full):
+        raise IsADirectoryError(f"{option} {text}: is a folder; give a file name, e.g. {os.path.join(text, 'predictions.csv')}")
+    existing = _first_existing(os.path.dirname(full))
+    if not os.path.isdir(existing):
+        raise NotADirectoryError(f"{option} {text}: {existing} is a file, not a folder; choose another {option}")

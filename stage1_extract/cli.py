@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
             shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
         )
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        said = str(exc) or "finished shards are kept; rerun the same command to resume"
+        print(f"interrupted: {said}", file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"stage1-extract: error: {exc}", file=sys.stderr)

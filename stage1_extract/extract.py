@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata, read_index, resolve
-from shardformat.layout import errors_path, meta_dir
+from shardformat.layout import errors_path, meta_dir, require_folder
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
 from stage1_extract.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.sources import list_images
-from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
+from stage1_extract.writer import Interrupted, ShardWriter, read_errors, run_stamp, write_errors, write_json
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
@@ -162,7 +162,8 @@ def _decoder(decode: str, prep, batch_size: int, workers: int, draft: bool):
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="extracting", disable=not enabled, dynamic_ncols=True,
+    # None: no bar when stderr is not a terminal (a redirected log would fill with carriage-return frames)
+    return tqdm(total=total, unit="img", desc="extracting", disable=None if enabled else True, dynamic_ncols=True,
                 smoothing=0.1, file=sys.stderr)
 
 
@@ -204,12 +205,14 @@ def extract(
 
     t_start = time.perf_counter()
     out = os.fspath(out)
+    require_folder(out)
+    require_folder(meta_dir(out), "--out (its bookkeeping folder)")
     if "://" not in out:
         out = os.path.abspath(out)
+    listing = list_images(images)  # first: a wrong --images is reported before the model export
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = list_images(images)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
@@ -258,14 +261,23 @@ def extract(
                         bar.set_postfix(errors=len(new_errors), refresh=False)
                         t_wait = time.perf_counter()
                 writer.close()
-            except BaseException:
-                writer.abort()
+            except BaseException as exc:
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                if interrupted:  # the rows computed so far are complete: keep them rather than drop them
+                    try:
+                        writer.close()
+                    except Exception as write_exc:
+                        log.warning("could not save the rows computed before the interrupt: %s", write_exc)
+                else:
+                    writer.abort()
                 # Record what failed so far; finished shards are already safe on disk. On a full or read-only
                 # disk this write fails too: keep the original error (which names the shard), not this one.
                 try:
                     write_errors(out, listing_errors + plan.known_errors + new_errors)
-                except OSError as exc:
-                    log.warning("could not update the errors table after the failure: %s", exc)
+                except OSError as write_exc:
+                    log.warning("could not update the errors table after the failure: %s", write_exc)
+                if interrupted:
+                    raise Interrupted(out, writer.written_rows, plan.done) from None
                 raise
             finally:
                 bar.close()

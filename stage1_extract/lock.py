@@ -10,7 +10,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from shardformat.layout import meta_file
+from shardformat.layout import meta_file, require_folder
 
 
 class OutputLockedError(RuntimeError):
@@ -24,6 +24,7 @@ class OutputLock:
         self._fd: int | None = None
 
     def __enter__(self) -> "OutputLock":
+        require_folder(self.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

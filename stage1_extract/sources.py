@@ -189,7 +189,23 @@ def list_images(images: str | os.PathLike) -> Listing:
         records = [ImageRecord(rel, abspath, None) for rel, abspath in files]
         layout = "flat"
     records.sort(key=lambda r: r.path)
+    if not records:
+        raise NoImagesError(_nothing_found(root, problems, hidden))
     return Listing(str(root), layout, records, problems, empty, hidden_folders=hidden)
+
+
+class NoImagesError(ValueError):
+    """The input holds no image at all: a wrong --images, most likely; nothing is written."""
+
+
+def _nothing_found(root: Path, problems: list[tuple[str, str]], hidden: list[str]) -> str:
+    text = f"--images {root}: no images found"
+    if problems:
+        path, reason = problems[0]
+        text += f"; {len(problems)} file(s) skipped, e.g. {path}: {reason}"
+    if hidden:
+        text += f"; hidden folders are not read ({', '.join(hidden[:3])})"
+    return text + ". Point --images at a folder of images, or at the folder holding one sub-folder per class."
 
 
 def _list_file(path: Path) -> Listing:

@@ -1,7 +1,7 @@
 """Shard and errors-table writing for stage 1, overlapped with inference in a background thread.
 
-Rows accumulate until a shard holds ``shard_size`` rows (or ``max_seconds`` have passed, so a slow run
-never risks much work); the shard is then written atomically by a writer thread while inference goes on.
+Rows accumulate until a shard holds ``shard_size`` rows (or ``max_seconds``, a minute, have passed, so a
+crash or ``kill -9`` loses at most about a minute of work); the shard is then written atomically by a writer thread while inference goes on.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def run_stamp() -> str:
 
 
 class ShardWriter:
-    def __init__(self, out: str, meta: ShardMetadata, *, shard_size: int = 2048, max_seconds: float = 120.0,
+    def __init__(self, out: str, meta: ShardMetadata, *, shard_size: int = 2048, max_seconds: float = 60.0,
                  stamp: str | None = None) -> None:
         self.out = out
         self.meta = meta
@@ -113,6 +113,15 @@ class ShardWriter:
         """Stop without writing buffered rows (after an error elsewhere); finished shards stay."""
         self._queue.put(None)
         self._thread.join(timeout=60)
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction, after the rows already computed were written: says how many are safe."""
+
+    def __init__(self, out: str, saved: int, before: int) -> None:
+        super().__init__(f"{saved} image(s) extracted by this run are saved in {out} ({before} were done before); "
+                         "rerun the same command to resume")
+        self.saved, self.before = saved, before
 
 
 class ShardWriteError(OSError):

@@ -12,6 +12,7 @@ import os
 from typing import Sequence
 
 from shardformat import atomic_write_text
+from shardformat.layout import require_folder
 from stage2_classify.data import Dataset, DatasetError, load_dataset
 from stage2_classify.train import TrainOptions, evaluate_splits, fit_head, make_split, resolve_verbose
 
@@ -53,6 +54,8 @@ def sweep(shards: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """
     if sort_by not in SORT_KEYS:
         raise ValueError(f"sort_by must be one of {', '.join(SORT_KEYS)}, not {sort_by!r}")
+    if out is not None:
+        require_folder(out)  # before training, not after it
     combos = _combinations(hidden, dropout, learning_rate)
     if not combos:
         raise ValueError("nothing to sweep: give at least one hidden size, dropout and learning rate")

@@ -247,3 +247,181 @@ def test_a_rerun_re_extracts_rows_with_nan_features(tmp_path, tiny):
     repaired = shardformat.read_features(out)
     order = np.argsort(repaired.paths)
     np.testing.assert_allclose(repaired.features[order], good.features[np.argsort(good.paths)], rtol=1e-5)
+
+
+# ---- interrupts and crashes lose at most about a minute ------------------------------------------------------
+
+def test_ctrl_c_keeps_the_rows_already_computed_and_says_how_many(tmp_path, tiny, monkeypatch):
+    from stage1_extract import session as session_module
+    from stage1_extract.writer import Interrupted
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=4)
+    real_run, calls = session_module.FeatureSession.run, []
+
+    def run_then_interrupt(self, batch, n=None):
+        calls.append(n)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_run(self, batch, n)
+
+    monkeypatch.setattr(session_module.FeatureSession, "run", run_then_interrupt)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt) as info:
+        _extract(images, out, tiny, batch_size=2, workers=1)  # shard size 2048: nothing was due yet
+    assert isinstance(info.value, Interrupted) and info.value.saved == 4
+    assert "4 image(s) extracted by this run are saved" in str(info.value)
+    assert len(shardformat.read_features(out)) == 4
+    monkeypatch.undo()
+    s = _extract(images, out, tiny)
+    assert (s.already_done, s.extracted) == (4, 8)
+
+
+def test_shards_are_also_written_by_time(tmp_path, monkeypatch):
+    import numpy as np
+
+    import stage1_extract.writer as writer_module
+    from stage2_classify.synthetic import synthetic_metadata
+
+    clock = [1000.0]
+    monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
+    writer = writer_module.ShardWriter(str(tmp_path / "out"), synthetic_metadata(4), shard_size=2048)
+    assert writer.max_seconds <= 60
+    row = dict(paths=["a.png"], labels=["x"], content_ids=["1-a"], file_sizes=[1], mtimes_ns=[0])
+    writer.add(**row, features=np.zeros((1, 4), np.float32))
+    clock[0] += 61  # a slow run: a minute later the buffered rows go to disk, without waiting for 2,048
+    writer.add(**{**row, "paths": ["b.png"]}, features=np.ones((1, 4), np.float32))
+    import time
+
+    deadline = time.time() + 30
+    while not shardformat.list_shards(tmp_path / "out") and time.time() < deadline:  # written in the background
+        time.sleep(0.02)
+    assert len(shardformat.read_features(tmp_path / "out")) == 2, "nothing reached the disk before close()"
+    writer.close()
+    assert writer.written_rows == 2
+
+
+# ---- messages -------------------------------------------------------------------------------------------------
+
+def _stage1_cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "stage1_extract", *map(str, args)], capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_an_out_that_is_a_file_gets_one_clear_message(tmp_path, tiny, capsys):
+    from pipeline.cli import main as pipeline_main
+    from stage1_extract.cli import main as stage1_main
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=1)
+    taken = tmp_path / "err"
+    taken.write_text("a file")
+    assert stage1_main(["--images", str(images), "--out", str(taken), "--onnx", str(tiny), "--input-size", "32",
+                        "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--out {taken}: is a file, not a folder" in err and "Errno" not in err, err
+    assert pipeline_main(["run", "--images", str(images), "--workdir", str(taken)]) == 1
+    err = capsys.readouterr().err
+    assert f"--workdir {taken}: is a file" in err and "Errno" not in err, err
+    for out in (f"{taken}/", str(taken / "preds.csv"), str(tmp_path)):
+        assert pipeline_main(["predict", "--images", str(images), "--model", str(tmp_path / "no-run"),
+                              "--out", out]) == 1
+        err = capsys.readouterr().err
+        assert f"--out {out}:" in err and "Errno" not in err and ".tmp-" not in err, err
+    with pytest.raises(OSError, match="is a folder; give a file name"):
+        shardformat.atomic_write_via_path(tmp_path, lambda tmp: None)
+
+
+def test_stage1_and_pipeline_on_an_empty_folder_fail_clearly(tmp_path, tiny, capsys):
+    from pipeline.cli import main as pipeline_main
+    from stage1_extract.cli import main as stage1_main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert stage1_main(["--images", str(empty), "--out", str(tmp_path / "out"), "--onnx", str(tiny),
+                        "--input-size", "32", "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert f"--images {empty}: no images found" in err, err
+    assert pipeline_main(["run", "--images", str(empty), "--workdir", str(tmp_path / "work"), "--onnx",
+                          str(tiny), "--input-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert f"--images {empty}: no images found" in err and "stage1-extract --out" not in err, err
+    (empty / "notes.txt").write_text("hello")
+    assert stage1_main(["--images", str(empty), "--out", str(tmp_path / "out"), "--onnx", str(tiny),
+                        "--input-size", "32", "--no-progress"]) == 1
+    assert "1 file(s) skipped, e.g. notes.txt" in capsys.readouterr().err
+
+
+def test_degenerate_training_sets_get_a_clear_message(tmp_path, capsys):
+    from stage2_classify.cli import main
+    from stage2_classify.data import DatasetError, load_dataset
+    from stage2_classify.synthetic import write_synthetic_shards
+
+    few = write_synthetic_shards(tmp_path / "few", counts=(2, 3), shards=1)  # --images at one class folder
+    with pytest.raises(DatasetError, match="too little data") as info:
+        load_dataset(few)
+    assert "class_0: 2, class_1: 3" in str(info.value) and "one sub-folder per class" in str(info.value)
+    assert main(["train", "--shards", str(few), "--out", str(tmp_path / "run"), "--quiet"]) == 1
+    assert "too little data" in capsys.readouterr().err and not (tmp_path / "run").exists()
+    lopsided = write_synthetic_shards(tmp_path / "lopsided", counts=(40, 2), shards=1)
+    with pytest.raises(DatasetError, match="two classes with 3 or more"):
+        load_dataset(lopsided)
+    load_dataset(write_synthetic_shards(tmp_path / "ok", counts=(5, 5), shards=1))  # small but usable
+    one = write_synthetic_shards(tmp_path / "one", counts=(20,), shards=1)
+    with pytest.raises(DatasetError) as info:
+        load_dataset(one)
+    assert "('class_0')" in str(info.value) and "np.str_" not in str(info.value)
+
+
+def test_a_pickle_named_model_keras_is_called_what_it_is(tmp_path):
+    import pickle
+
+    from stage2_classify.rundir import REQUIRED, RunDirError, check_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in REQUIRED:
+        (run / name).write_text("{}")
+    (run / "model.keras").write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(RunDirError, match="not a Keras model file"):
+        check_run(run)
+
+
+def test_provider_cuda_without_a_gpu_prints_only_our_message(tmp_path, tiny):
+    from stage1_extract.session import _gpu_visible
+    from tests.helpers import make_image_tree
+
+    if _gpu_visible():
+        pytest.skip("a GPU is visible: --provider cuda works here")
+    images = make_image_tree(tmp_path / "imgs", per_class=1)
+    r = _stage1_cli("--images", images, "--out", tmp_path / "out", "--onnx", tiny, "--input-size", 32,
+                    "--provider", "cuda", "--no-progress")
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stage1-extract: error: --provider cuda"), r.stderr
+    assert "\x1b[" not in r.stderr
+
+
+def test_no_progress_bar_in_a_redirected_log(tmp_path, tiny):
+    from tests.helpers import make_image_tree
+
+    images = make_image_tree(tmp_path / "imgs", per_class=2)
+    r = _stage1_cli("--images", images, "--out", tmp_path / "out", "--onnx", tiny, "--input-size", 32)
+    assert r.returncode == 0, r.stderr
+    assert "extracting" not in r.stderr and "\r" not in r.stderr, r.stderr
+
+
+def test_every_pipeline_option_has_help_text():
+    import argparse
+
+    from pipeline.cli import build_parser
+
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [f"{name} {'/'.join(action.option_strings)}"
+               for name, sub in subparsers.choices.items() for action in sub._actions
+               if action.option_strings and not action.help and "--no-progress" not in action.option_strings]
+    assert missing == []
