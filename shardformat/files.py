@@ -16,8 +16,8 @@ import os
 import uuid
 from typing import Any, BinaryIO, Callable
 
-from shardformat import io as _io
-from shardformat.layout import require_file_target  # looked up at call time: tests swap in other filesystems
+from shardformat import io as _io  # looked up at call time: tests swap in other filesystems
+from shardformat.layout import require_file_target
 
 TMP_PREFIX = ".tmp-"
 _MISSING = object()
@@ -43,10 +43,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> s
     target = os.fspath(path)
     fs, full = _io.resolve(target)
     if not _io._is_local(fs):
-        parent = full.rsplit("/", 1)[0]
+        import pyarrow.fs as pafs
+
+        parent, name = full.rsplit("/", 1)
         fs.create_dir(parent, recursive=True)
-        with fs.open_output_stream(full) as out:
-            write(out)
+        if isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):  # one PUT: already all-or-nothing
+            with fs.open_output_stream(full) as out:
+                write(out)
+            return target
+        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
+        try:
+            with fs.open_output_stream(tmp) as out:
+                write(out)
+            fs.move(tmp, full)
+        except BaseException:
+            try:
+                fs.delete_file(tmp)
+            except Exception:
+                pass
+            raise
         return target
     parent, name = os.path.split(full)
     os.makedirs(parent, exist_ok=True)

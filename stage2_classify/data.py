@@ -93,21 +93,20 @@ def load_dataset(shards: str | os.PathLike, *, expect: ShardMetadata | None = No
     )
 
 
-MIN_ROWS = 10  # below this, or with fewer than two classes of MIN_ROWS_PER_CLASS, no score means anything
-MIN_ROWS_PER_CLASS = 3  # one row each for training, validation and test
+MIN_ROWS_PER_CLASS = 3  # one row each for training, validation and test; two such classes or no score means anything
 
 
 def _refuse_degenerate(where: str, classes, counts: np.ndarray) -> None:
     """A clear error instead of a model scored on one or two rows (e.g. ``--images`` pointed at one class
     folder, whose sub-folders then became the classes)."""
     usable = int((counts >= MIN_ROWS_PER_CLASS).sum())
-    if counts.sum() >= MIN_ROWS and usable >= 2:
+    if usable >= 2:
         return
     shown = ", ".join(f"{c}: {n}" for c, n in list(zip(map(str, classes), counts.tolist()))[:10])
     raise DatasetError(
         f"{where}: too little data to train and evaluate a classifier: {int(counts.sum())} labelled rows in "
-        f"{len(classes)} classes ({shown}{', …' if len(classes) > 10 else ''}); it needs at least {MIN_ROWS} rows "
-        f"and two classes with {MIN_ROWS_PER_CLASS} or more. If --images pointed at one class folder, point it "
+        f"{len(classes)} classes ({shown}{', …' if len(classes) > 10 else ''}); it needs two classes with "
+        f"{MIN_ROWS_PER_CLASS} rows or more. If --images pointed at one class folder, point it "
         "at the folder that holds one sub-folder per class."
     )
 

@@ -367,9 +367,9 @@ def test_degenerate_training_sets_get_a_clear_message(tmp_path, capsys):
     assert main(["train", "--shards", str(few), "--out", str(tmp_path / "run"), "--quiet"]) == 1
     assert "too little data" in capsys.readouterr().err and not (tmp_path / "run").exists()
     lopsided = write_synthetic_shards(tmp_path / "lopsided", counts=(40, 2), shards=1)
-    with pytest.raises(DatasetError, match="two classes with 3 or more"):
+    with pytest.raises(DatasetError, match="two classes with 3 rows or more"):
         load_dataset(lopsided)
-    load_dataset(write_synthetic_shards(tmp_path / "ok", counts=(5, 5), shards=1))  # small but usable
+    load_dataset(write_synthetic_shards(tmp_path / "ok", counts=(3, 3), shards=1))  # small but usable
     one = write_synthetic_shards(tmp_path / "one", counts=(20,), shards=1)
     with pytest.raises(DatasetError) as info:
         load_dataset(one)
