@@ -43,6 +43,12 @@ def legacy_errors_path(directory: str | os.PathLike) -> str:
     return f"{base}/{LEGACY_ERRORS_FILE}{query}"
 
 
+def legacy_files(directory: str | os.PathLike) -> list[str]:
+    """Bookkeeping files older versions kept among the shards (errors table, run summary): a run moves them out."""
+    base, query = _base(directory)
+    return [f"{base}/{name}{query}" for name in (LEGACY_ERRORS_FILE, "_run.json")]
+
+
 def _first_existing(path: str) -> str:
     while not os.path.lexists(path):
         parent = os.path.dirname(path)
@@ -74,7 +80,8 @@ def require_file_target(path: str | os.PathLike, option: str = "--out") -> None:
         return
     full = os.path.abspath(os.path.expanduser(text))
     if text.endswith(("/", os.sep)) or os.path.isdir(full):
-        raise IsADirectoryError(f"{option} {text}: is a folder; give a file name, e.g. {os.path.join(text, 'predictions.csv')}")
+        example = os.path.join(text, "predictions.csv")
+        raise IsADirectoryError(f"{option} {text}: is a folder; give a file name, e.g. {example}")
     existing = _first_existing(os.path.dirname(full))
     if not os.path.isdir(existing):
         raise NotADirectoryError(f"{option} {text}: {existing} is a file, not a folder; choose another {option}")

@@ -56,7 +56,6 @@ def cache_dir() -> Path:
     return path
 
 
-
 def _cached(key_fields: dict, stem: str) -> tuple[Path, Path, dict | None]:
     key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
     onnx_path = cache_dir() / f"{stem}-{key}.onnx"

@@ -1,7 +1,8 @@
 """Shard and errors-table writing for stage 1, overlapped with inference in a background thread.
 
 Rows accumulate until a shard holds ``shard_size`` rows (or ``max_seconds``, a minute, have passed, so a
-crash or ``kill -9`` loses at most about a minute of work); the shard is then written atomically by a writer thread while inference goes on.
+crash or ``kill -9`` loses at most about a minute of work); the shard is then written atomically by a writer
+thread while inference goes on.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ import numpy as np
 import pyarrow as pa
 
 from shardformat import ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
-from shardformat.schema import LEGACY_ERRORS_FILE
-from shardformat.layout import errors_path, legacy_errors_path, meta_file
+from shardformat.layout import errors_path, legacy_errors_path, legacy_files, meta_file
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -151,7 +151,7 @@ def write_errors(out: str, errors: list[dict]) -> None:
     )
     fs, path = resolve(errors_path(out))
     atomic_write_table(table, fs, path)
-    for location in (legacy_errors_path(out), legacy_errors_path(out).replace(LEGACY_ERRORS_FILE, "_run.json")):
+    for location in legacy_files(out):
         legacy_fs, legacy = resolve(location)
         try:  # now in the meta folder: out of the shard folder, so that globs there see shards only
             legacy_fs.delete_file(legacy)
