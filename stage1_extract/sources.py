@@ -7,6 +7,7 @@ listing (broken links, undecodable names, files that are not images) so they rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from pathlib import Path
 
@@ -115,19 +116,35 @@ def _walk_files(top: Path, rel_prefix: str, problems: list, seen: dict, root: st
     return out
 
 
-def _is_image_content(path: str) -> bool:
-    """Whether PIL recognises the file's content as an image it can decode (header only: cheap to say no).
+@functools.lru_cache(maxsize=1)
+def _signatures() -> list:
+    """(format, signature check) of every PIL format that has one."""
+    from PIL import Image
 
-    So that every PIL-readable format works whatever its name (AVIF, QOI, a JPEG without an extension…).
-    """
+    Image.init()
+    return [(name, Image.OPEN[name][1]) for name in Image.ID if Image.OPEN[name][1] is not None]
+
+
+def _is_image_content(path: str) -> bool:
+    """Whether PIL recognises the file's content as an image it can decode, whatever its name (AVIF, QOI, a JPEG
+    without an extension…). Only formats that PIL identifies by a signature are tried, on the first 16 bytes,
+    so a text file or other non-image is turned down in microseconds, not parsed by every plugin."""
     import warnings
 
     from PIL import Image, ImageFile
 
     try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(16)
+    except OSError:
+        return False
+    formats = [name for name, accept in _signatures() if accept(prefix)]
+    if not formats:
+        return False
+    try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with Image.open(path) as img:
+            with Image.open(path, formats=formats) as img:
                 return not isinstance(img, ImageFile.StubImageFile)  # HDF5, GRIB…: no decoder in PIL
     except Image.DecompressionBombError:
         return True  # an image; decoding records why it is refused
