@@ -81,7 +81,7 @@ def require_file_target(path: str | os.PathLike, option: str = "--out") -> None:
     full = os.path.abspath(os.path.expanduser(text))
     if text.endswith(("/", os.sep)) or os.path.isdir(full):
         example = os.path.join(text, "predictions.csv")
-        raise IsADirectoryError(f"{option} {text}: is a folder; give a file name, e.g. {example}")
+        raise IsADirectoryError(f"{option} {text}: names a folder; give a file name, e.g. {example}")
     existing = _first_existing(os.path.dirname(full))
     if not os.path.isdir(existing):
         raise NotADirectoryError(f"{option} {text}: {existing} is a file, not a folder; choose another {option}")

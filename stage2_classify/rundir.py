@@ -63,7 +63,12 @@ class RunWriter:
         return str(self.tmp / name)
 
     def write_text(self, name: str, text: str) -> None:
-        (self.tmp / name).write_text(text)
+        try:
+            (self.tmp / name).write_text(text)
+        except OSError as exc:  # a full disk: say which file of which run, not a bare "[Errno 28]"
+            if exc.filename is None:
+                exc.filename = str(self.final / name)
+            raise
 
     def write_json(self, name: str, payload) -> None:
         self.write_text(name, json.dumps(payload, indent=1, default=_json_default))

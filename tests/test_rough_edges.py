@@ -55,6 +55,27 @@ def test_sweep_on_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, mon
     assert list(out.iterdir()) == []
 
 
+def test_training_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import pathlib
+
+    from stage2_classify import train
+    from stage2_classify.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(tmp_path / "shards", counts=(20, 20), dim=8)
+    real = pathlib.Path.write_text
+
+    def full_disk(self, text, *args, **kwargs):
+        if self.name == "metrics.json":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
+    with pytest.raises(OSError) as info:
+        train(shards, tmp_path / "run", epochs=1, verbose=0)
+    assert "No space left on device" in str(info.value) and str(tmp_path / "run" / "metrics.json") in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_pipeline_run_survives_an_empty_speed_file(tmp_path, monkeypatch):
     from pipeline import orchestrator
 
@@ -331,7 +352,7 @@ def test_an_out_that_is_a_file_gets_one_clear_message(tmp_path, tiny, capsys):
                               "--out", out]) == 1
         err = capsys.readouterr().err
         assert f"--out {out}:" in err and "Errno" not in err and ".tmp-" not in err, err
-    with pytest.raises(OSError, match="is a folder; give a file name"):
+    with pytest.raises(OSError, match="names a folder; give a file name"):
         shardformat.atomic_write_via_path(tmp_path, lambda tmp: None)
 
 
