@@ -18,8 +18,10 @@ def _hidden(text: str) -> tuple[int, ...]:
 
 def _stage1_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stage 1 (extraction)")
-    g.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto")
-    g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    g.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto",
+                   help="ONNX Runtime execution provider (default auto: CUDA when a GPU answers, else CPU)")
+    g.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="precision of the exported backbone (fp16 pays off on GPUs only; default fp32)")
     g.add_argument("--batch-size", type=int, default=None, help="inference batch size")
     g.add_argument("--workers", type=int, default=None, help="decode worker processes")
     g.add_argument("--draft", action="store_true", help="fast JPEG draft decoding for large images")
@@ -30,12 +32,13 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stage 2 (classifier)")
     g.add_argument("--hidden", type=_hidden, default=None, help="hidden layer sizes, e.g. 512 or 512x256; 0 = linear")
-    g.add_argument("--dropout", type=float, default=None)
+    g.add_argument("--dropout", type=float, default=None, help="dropout after each hidden layer (default 0.3)")
     g.add_argument("--lr", type=float, default=None, help="learning rate")
-    g.add_argument("--epochs", type=int, default=None)
-    g.add_argument("--train-batch-size", type=int, default=None)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--class-weight", choices=["auto", "balanced", "none"], default=None)
+    g.add_argument("--epochs", type=int, default=None, help="most epochs; early stopping usually ends sooner")
+    g.add_argument("--train-batch-size", type=int, default=None, help="training batch size of the classifier")
+    g.add_argument("--seed", type=int, default=None, help="seed of the split and the initial weights")
+    g.add_argument("--class-weight", choices=["auto", "balanced", "none"], default=None,
+                   help="weigh rare classes up in the loss (default auto: balanced when classes are imbalanced)")
 
 
 def _collect(args, names: dict[str, str]) -> dict:
@@ -71,16 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     _stage1_args(r)
     _train_args(r)
     pr = sub.add_parser("predict", help="classify new images with a trained run")
-    pr.add_argument("--images", required=True)
+    pr.add_argument("--images", required=True, help="folder of new images (class folders optional) or a file list")
     pr.add_argument("--model", required=True, help="a run directory written by training")
     pr.add_argument("--out", required=True, help="predictions file (.parquet, or .csv)")
     pr.add_argument("--features", default=None, help="where to cache the new images' features (default OUT.features)")
-    pr.add_argument("--weights", default=None)
+    pr.add_argument("--weights", default=None, help="the backbone state_dict file the run was trained with, if any")
     pr.add_argument("--onnx", default=None, help="the user ONNX model the run was trained on, if any")
     _stage1_args(pr)
     c = sub.add_parser("compare", help="same head on several backbones: table + bar chart")
-    c.add_argument("--images", required=True)
-    c.add_argument("--workdir", required=True)
+    c.add_argument("--images", required=True, help="class-folder tree or CSV/Parquet list")
+    c.add_argument("--workdir", required=True, help="holds features/, runs/ and compare.csv/.json/.png")
     c.add_argument("--backbones", required=True, help="comma-separated registry names and/or .onnx files")
     _stage1_args(c)
     _train_args(c)
@@ -111,8 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             if rows:
                 print(f"every backbone trained and tested on one split: {rows[0]['split_file']}")
             print(f"table: {args.workdir}/compare.csv  chart: {args.workdir}/compare.png")
-    except KeyboardInterrupt:
-        print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"interrupted: {str(exc) or 'finished work is kept; rerun to resume'}", file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"pipeline: error: {exc}", file=sys.stderr)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from shardformat import ShardMetadata
+from shardformat import ShardMetadata, atomic_write_json, read_json
+from shardformat.layout import meta_file, require_file_target, require_folder
 
 
 @dataclasses.dataclass
@@ -86,12 +86,15 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
     if progress:
         print(summary.format(), flush=True)
     info = summary.as_dict()
-    speed_file = Path(fdir) / "_extraction_speed.json"
+    speed_file = meta_file(fdir, "extraction_speed.json")  # beside the shards, not among them
+    Path(fdir, "_extraction_speed.json").unlink(missing_ok=True)  # where older versions kept it, among the shards
     if info.get("extracted", 0) > 0:  # remember the speed of the run that did the work, for compare()
-        speed_file.write_text(json.dumps({"images_per_second": info["images_per_second"],
-                                          "provider": info["provider"], "images": info["extracted"]}))
-    elif speed_file.exists():
-        info["images_per_second"] = json.loads(speed_file.read_text())["images_per_second"]
+        atomic_write_json(speed_file, {"images_per_second": info["images_per_second"],
+                                       "provider": info["provider"], "images": info["extracted"]})
+    else:  # only a hint for compare(): a damaged file (disk full earlier) must not stop a run
+        remembered = read_json(speed_file, default={})
+        if isinstance(remembered, dict) and isinstance(remembered.get("images_per_second"), (int, float)):
+            info["images_per_second"] = remembered["images_per_second"]
     return info
 
 
@@ -114,6 +117,7 @@ def run(
     into ``workdir/runs/<backbone>/<run_name>``."""
     import stage2_classify
 
+    require_folder(workdir, "--workdir")
     fdir = features_dir(workdir, backbone, weights=weights, onnx=onnx)
     t0 = time.perf_counter()
     extraction = _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size,
@@ -160,6 +164,7 @@ def predict(
     """
     import stage2_classify
 
+    require_file_target(out)  # before extracting, not after
     meta = model_metadata(model_dir)
     backbone = None
     if meta.backbone.startswith("onnx:"):

@@ -26,6 +26,7 @@ from shardformat.io import (
     resolve,
     write_shard,
 )
+from shardformat.files import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_write_via_path, read_json
 
 __all__ = [
     "FORMAT_VERSION",
@@ -45,4 +46,9 @@ __all__ = [
     "read_metadata",
     "resolve",
     "write_shard",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "atomic_write_via_path",
+    "read_json",
 ]

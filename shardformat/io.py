@@ -60,6 +60,12 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _temporary_name(parent: str, name: str) -> str:
+    """Hidden, and not ending in ``.parquet``: a write in flight (or left by ``kill -9``) never matches a
+    reader's ``OUT/*.parquet`` glob."""
+    return f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}.partial"
+
+
 def _parquet_options(table: pa.Table, compression: str) -> dict:
     """Feature vectors are stored plain (no compression, no dictionary): decoding zstd halves the speed at
     which stage 2 loads them, and dense floats gain little from either. Other columns use ``compression``."""
@@ -81,7 +87,7 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
     parent, name = path.rsplit("/", 1)
     if _is_local(fs):
         os.makedirs(parent, exist_ok=True)
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+        tmp = _temporary_name(parent, name)
         try:
             with open(tmp, "wb") as fh:
                 pq.write_table(table, fh, **_parquet_options(table, compression))
@@ -103,7 +109,7 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
         with fs.open_output_stream(path) as out:
             pq.write_table(table, out, **_parquet_options(table, compression))
         return
-    tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex}-{name}"
+    tmp = _temporary_name(parent, name)
     try:
         with fs.open_output_stream(tmp) as out:
             pq.write_table(table, out, **_parquet_options(table, compression))
@@ -326,7 +332,8 @@ def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None 
         _copy_features(table.column("feature"), dim, block)
         if not np.isfinite(block).all():
             bad = int((~np.isfinite(block).all(axis=1)).sum())
-            raise ShardFormatError(f"{opened[i][0]}: {bad} feature vector(s) hold NaN or infinity; re-extract it")
+            raise ShardFormatError(f"{opened[i][0]}: {bad} feature vector(s) hold NaN or infinity; "
+                                   "rerun stage1-extract with the same --images and --out to extract them again")
         return _with_optional_columns(table, ROW_COLUMNS)
 
     workers = threads or min(8, os.cpu_count() or 1, max(1, len(opened)))

@@ -12,7 +12,11 @@ import pyarrow as pa
 FORMAT_VERSION = 1
 METADATA_KEY = b"hybrid_transfer"
 SHARD_PREFIX = "part-"
-ERRORS_FILE = "_errors.parquet"
+# Bookkeeping lives beside the shard folder, in "<OUT>.meta/", never inside it: polars reads a folder
+# recursively and refuses any file that is not a shard, and duckdb's "OUT/*.parquet" would count its rows.
+META_SUFFIX = ".meta"
+ERRORS_FILE = "errors.parquet"  # in the meta folder
+LEGACY_ERRORS_FILE = "_errors.parquet"  # inside OUT itself, as written before the meta folder; still read
 
 FEATURE_DTYPES = {"float32": pa.float32(), "float16": pa.float16()}
 

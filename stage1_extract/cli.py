@@ -111,8 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
             group_regex=args.group_regex, dicom_group=args.dicom_group, dicom_frames=args.dicom_frames,
         )
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        said = str(exc) or "finished shards are kept; rerun the same command to resume"
+        print(f"interrupted: {said}", file=sys.stderr)
         return 130
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"stage1-extract: error: {exc}", file=sys.stderr)

@@ -11,12 +11,12 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 
+from shardformat import atomic_write_bytes
 from stage1_extract.backbones import (
     BackboneSpec,
     build_feature_model,
@@ -54,20 +54,6 @@ def cache_dir() -> Path:
     path = Path(root) / "onnx"
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _cached(key_fields: dict, stem: str) -> tuple[Path, Path, dict | None]:
@@ -166,10 +152,10 @@ def export_backbone(
         core = onnx.load_from_string(_torch_to_onnx(torch_model, prep, precision))
         wrapped = add_preprocessing_and_pooling(core, prep).SerializeToString()
         err = _verify(wrapped, torch_model, prep, precision, spec.name)
-        _atomic_write_bytes(onnx_path, wrapped)
+        atomic_write_bytes(onnx_path, wrapped)
         info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(),
                 "feature_dim": spec.feature_dim, "verified_relative_error": err}
-        _atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
     return ExtractorModel(
         backbone=spec.name,
         weights_id=source.weights_id,
@@ -224,9 +210,9 @@ def wrap_user_onnx(
             dim = int(_ort_features(wrapped, probe, providers).shape[1])
         except Exception as exc:
             raise ValueError(f"--onnx {src}: ONNX Runtime cannot run the model: {exc}") from None
-        _atomic_write_bytes(onnx_path, wrapped)
+        atomic_write_bytes(onnx_path, wrapped)
         info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(), "feature_dim": dim}
-        _atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
     return ExtractorModel(
         backbone=f"onnx:{src.name}",
         weights_id=f"sha256:{user_sha}",

@@ -19,15 +19,16 @@ from typing import Any
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata, read_index, resolve
+from shardformat.layout import errors_path, meta_dir, require_folder
 from stage1_extract.dicom_records import prepare_dicom_records
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
-from stage1_extract.plan import compact, make_plan
+from stage1_extract.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.sources import compile_group_regex, list_images
-from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
+from stage1_extract.writer import Interrupted, ShardWriter, read_errors, run_stamp, write_errors, write_json
 
 log = logging.getLogger(__name__)
-SUMMARY_FILE = "_run.json"
+SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
 
 
 class StrictModeError(RuntimeError):
@@ -51,6 +52,7 @@ class ExtractSummary:
     empty_classes: list[str] = dataclasses.field(default_factory=list)
     shards_written: int = 0
     ungrouped: int = 0  # paths --group-regex did not match
+    hidden_folders: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def errors(self) -> int:
@@ -75,11 +77,14 @@ class ExtractSummary:
                 f"shard writes {t.get('write', 0):.1f}s in background)"
             )
         if self.errors:
-            lines.append(f"  see {os.path.join(self.out, '_errors.parquet')} for the failed files and why")
+            lines.append(f"  see {errors_path(self.out)} for the failed files and why")
         if self.empty_classes:
             lines.append(f"  empty class folders (ignored): {', '.join(self.empty_classes)}")
         if self.ungrouped:
             lines.append(f"  {self.ungrouped} path(s) did not match --group-regex: each is its own group")
+        if self.hidden_folders:
+            lines.append(f"  hidden folders (ignored; rename without the leading '.' to use them): "
+                         f"{', '.join(self.hidden_folders)}")
         return "\n".join(lines)
 
 
@@ -137,7 +142,7 @@ def default_workers(on_gpu: bool) -> int:
 
 def _clean_temporaries(out: str) -> None:
     if "://" not in out:
-        for tmp in glob.glob(os.path.join(out, ".tmp-*")):
+        for tmp in glob.glob(os.path.join(out, ".tmp-*")) + glob.glob(os.path.join(meta_dir(out), ".tmp-*")):
             try:
                 os.unlink(tmp)
             except OSError:
@@ -161,7 +166,8 @@ def _decoder(decode: str, prep, batch_size: int, workers: int, draft: bool):
 def _progress(total: int, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", desc="extracting", disable=not enabled, dynamic_ncols=True,
+    # None: no bar when stderr is not a terminal (a redirected log would fill with carriage-return frames)
+    return tqdm(total=total, unit="img", desc="extracting", disable=None if enabled else True, dynamic_ncols=True,
                 smoothing=0.1, file=sys.stderr)
 
 
@@ -196,7 +202,7 @@ def extract(
 
     Incremental and resumable: images already in ``out`` (unchanged) are skipped, changed ones are
     re-extracted, removed ones are dropped from the shards. Bad images are recorded in
-    ``out/_errors.parquet`` and the run goes on, unless ``strict``.
+    ``OUT.meta/errors.parquet`` and the run goes on, unless ``strict``.
 
     ``decode="cpu"`` decodes with PIL in worker processes; ``decode="gpu"`` decodes JPEGs with nvJPEG and
     resizes on the GPU (other files fall back to PIL), which lifts the decode wall on GPU machines.
@@ -214,13 +220,16 @@ def extract(
     t_start = time.perf_counter()
     compile_group_regex(group_regex)  # a bad pattern fails now, not after the model export
     out = os.fspath(out)
+    require_folder(out)
+    require_folder(meta_dir(out), "--out (its bookkeeping folder)")
     if "://" not in out:
         out = os.path.abspath(out)
+    # first: a wrong --images is reported before the model export
+    listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
+                                    group_by=dicom_group, salt=group_salt)
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
-                                    group_by=dicom_group, salt=group_salt)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
@@ -269,14 +278,23 @@ def extract(
                         bar.set_postfix(errors=len(new_errors), refresh=False)
                         t_wait = time.perf_counter()
                 writer.close()
-            except BaseException:
-                writer.abort()
+            except BaseException as exc:
+                interrupted = isinstance(exc, KeyboardInterrupt)
+                if interrupted:  # the rows computed so far are complete: keep them rather than drop them
+                    try:
+                        writer.close()
+                    except Exception as write_exc:
+                        log.warning("could not save the rows computed before the interrupt: %s", write_exc)
+                else:
+                    writer.abort()
                 # Record what failed so far; finished shards are already safe on disk. On a full or read-only
                 # disk this write fails too: keep the original error (which names the shard), not this one.
                 try:
                     write_errors(out, listing_errors + plan.known_errors + new_errors)
-                except OSError as exc:
-                    log.warning("could not update the errors table after the failure: %s", exc)
+                except OSError as write_exc:
+                    log.warning("could not update the errors table after the failure: %s", write_exc)
+                if interrupted:
+                    raise Interrupted(out, writer.written_rows, plan.done) from None
                 raise
             finally:
                 bar.close()
@@ -301,13 +319,14 @@ def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, pro
             f"{meta.describe()}. Use a separate --out for each backbone."
         )
     previous_errors = read_errors(out)
-    plan = make_plan(listing.records, index, previous_errors)
+    plan = make_plan(listing.records, index, previous_errors, broken=nonfinite_rows(out, index))
     listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
     seen_before = {e["path"] for e in previous_errors}
     listing_known = sum(e["path"] in seen_before for e in listing_errors)
     summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
                              already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
-                             empty_classes=listing.empty_classes, ungrouped=listing.ungrouped)
+                             empty_classes=listing.empty_classes, ungrouped=listing.ungrouped,
+                             hidden_folders=listing.hidden_folders)
     if strict and (listing_errors or plan.known_errors):
         first = (listing_errors or plan.known_errors)[0]
         write_errors(out, listing_errors + plan.known_errors)

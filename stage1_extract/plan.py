@@ -45,7 +45,9 @@ def _hash_file(path: str) -> str | None:
         return None
 
 
-def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict]) -> Plan:
+def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
+              broken: frozenset[tuple[str, str]] = frozenset()) -> Plan:
+    """``broken``: (shard, path) rows whose vectors are not finite; never kept, so the image is extracted again."""
     by_path = {r.path: r for r in records}
     stats = {}
     rows_by_path: dict[str, list[dict]] = defaultdict(list)
@@ -62,7 +64,8 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict]) -
             continue
         digest = None
         for row in sorted(rows, key=lambda r: r["shard"], reverse=True):
-            if row["label"] != rec.label or row.get("group") != rec.group or row["file_size"] != st[0]:
+            if (row["label"] != rec.label or row.get("group") != rec.group or row["file_size"] != st[0]
+                    or (row["shard"], path) in broken):
                 continue
             if row["mtime_ns"] != st[1]:
                 digest = digest or _hash_file(rec.abspath)
@@ -99,6 +102,28 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict]) -
         stale_rows=dict(stale),
         keep={s: keep.get(s, set()) for s in stale},
     )
+
+
+def nonfinite_rows(out: str, index: pa.Table) -> frozenset[tuple[str, str]]:
+    """(shard, path) of every row whose feature vector holds NaN or infinity (a damaged shard, or one from a
+    run before stage 1 checked its output): stage 2 refuses them, so a rerun must extract them again."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from shardformat import resolve
+
+    broken = set()
+    fs, root = resolve(out)
+    for shard in sorted(set(index.column("shard").to_pylist())) if index.num_rows else []:
+        with fs.open_input_file(f"{root}/{shard.rsplit('/', 1)[-1]}") as fh:
+            table = pq.read_table(fh, columns=["path", "feature"])
+        feature = table.column("feature").combine_chunks()
+        values = feature.flatten().to_numpy(zero_copy_only=False)
+        ok = np.isfinite(values.reshape(len(feature), -1)).all(axis=1) if len(feature) else np.ones(0, bool)
+        if not ok.all():
+            paths = table.column("path").to_pylist()
+            broken.update((shard, paths[i]) for i in np.flatnonzero(~ok))
+    return frozenset(broken)
 
 
 def compact(plan: Plan) -> int:

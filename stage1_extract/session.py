@@ -92,9 +92,17 @@ class FeatureSession:
                                              "trt_engine_cache_enable": True, "trt_engine_cache_path": cache}))
             else:
                 provider_list.append(name)
-        if any(p != "CPUExecutionProvider" for p in wanted):
+        gpu_wanted = any(p != "CPUExecutionProvider" for p in wanted)
+        if gpu_wanted:
             _preload_cuda(ort)
-        self.session = ort.InferenceSession(onnx_path, sess_options=opts, providers=provider_list)
+            # Loading a GPU provider that cannot run logs coloured lines through ORT's global logger (the
+            # session's level does not reach it); our own message below says what is wrong and what to do.
+            ort.set_default_logger_severity(4)
+        try:
+            self.session = ort.InferenceSession(onnx_path, sess_options=opts, providers=provider_list)
+        finally:
+            if gpu_wanted:
+                ort.set_default_logger_severity(2)
         active = self.session.get_providers()
         self.provider = "cuda" if active[0] == "CUDAExecutionProvider" else (
             "tensorrt" if active[0] == "TensorrtExecutionProvider" else "cpu")
@@ -103,6 +111,7 @@ class FeatureSession:
                 f"--provider {provider} was requested but onnxruntime fell back to the CPU (active: {active}). "
                 "Check that a GPU is visible (nvidia-smi) and that onnxruntime-gpu and the CUDA libraries "
                 "(installed with torch's CUDA wheel) match; or use --provider cpu."
+                + ("" if _gpu_visible() else " No NVIDIA GPU is visible here (the CUDA driver does not load).")
             )
         self.on_gpu = self.provider != "cpu"
         self.fixed_shape = self.on_gpu

@@ -7,6 +7,7 @@ listing (broken links, undecodable names, files that are not images) so they rea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import re
 from pathlib import Path
@@ -15,9 +16,9 @@ from stage1_extract.dicom import is_dicom_file, split_frame_ref
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k",
+    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k", ".avif", ".qoi", ".apng",
     ".dcm", ".dicom", ".dic",  # DICOM; extension-less and UID-named DICOM files are recognised by content
-}
+}  # the fast path; any other file is kept when PIL recognises its content (see _is_image_content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Listing:
     empty_classes: list[str]
     ignored: int = 0  # hidden files
     ungrouped: int = 0  # paths that --group-regex did not match (they get no group)
+    hidden_folders: list[str] = dataclasses.field(default_factory=list)  # top-level ".name/" folders, not classes
 
 
 def _printable(name: str) -> str | None:
@@ -48,8 +50,26 @@ def _printable(name: str) -> str | None:
         return None
 
 
-def _walk_files(top: Path, rel_prefix: str, problems: list, seen: set) -> list[tuple[str, str]]:
-    """Files below ``top`` as (relative path, absolute path); follows directory links once, survives loops."""
+def _linked_folder_problem(link: str, root: str) -> str | None:
+    """Why a symbolic link to a folder is not followed, or None to follow it.
+
+    A link to one of its own parent folders is a loop; a link to any other folder inside the input would
+    list images a second time, under the wrong class (``cat/more -> ../coffee``), so it is skipped: those
+    images are listed at their real place. Links to folders outside the input are followed.
+    """
+    target = os.path.realpath(link)
+    here = os.path.realpath(os.path.dirname(link))
+    if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+        return "skipped: symbolic link loop (it points to one of its own parent folders)"
+    if target == root or target.startswith(root.rstrip(os.sep) + os.sep):
+        where = os.path.relpath(target, root)
+        return (f"skipped: symbolic link to {where!r} inside the input; its images are listed there, "
+                "under their own class")
+    return None
+
+
+def _walk_files(top: Path, rel_prefix: str, problems: list, seen: dict, root: str) -> list[tuple[str, str]]:
+    """Files below ``top`` as (relative path, absolute path); follows links to folders outside ``root`` once."""
     out: list[tuple[str, str]] = []
     try:
         st = top.stat()
@@ -58,9 +78,9 @@ def _walk_files(top: Path, rel_prefix: str, problems: list, seen: set) -> list[t
         return out
     key = (st.st_dev, st.st_ino)
     if key in seen:
-        problems.append((rel_prefix, "skipped: symbolic link loop"))
+        problems.append((rel_prefix, f"skipped: the same folder as {seen[key]!r} (linked twice), listed there"))
         return out
-    seen.add(key)
+    seen[key] = rel_prefix
     try:
         entries = sorted(os.scandir(top), key=lambda e: e.name)
     except OSError as exc:
@@ -80,7 +100,11 @@ def _walk_files(top: Path, rel_prefix: str, problems: list, seen: set) -> list[t
             problems.append((rel, f"cannot stat: {exc.strerror or exc}"))
             continue
         if is_dir:
-            out.extend(_walk_files(Path(entry.path), rel, problems, seen))
+            reason = _linked_folder_problem(entry.path, root) if entry.is_symlink() else None
+            if reason:
+                problems.append((rel, reason))
+            else:
+                out.extend(_walk_files(Path(entry.path), rel, problems, seen, root))
             continue
         try:
             is_file = entry.is_file(follow_symlinks=True)
@@ -98,14 +122,51 @@ def _walk_files(top: Path, rel_prefix: str, problems: list, seen: set) -> list[t
     return out
 
 
+@functools.lru_cache(maxsize=1)
+def _signatures() -> list:
+    """(format, signature check) of every PIL format that has one."""
+    from PIL import Image
+
+    Image.init()
+    return [(name, Image.OPEN[name][1]) for name in Image.ID if Image.OPEN[name][1] is not None]
+
+
+def _is_image_content(path: str) -> bool:
+    """Whether PIL recognises the file's content as an image it can decode, whatever its name (AVIF, QOI, a JPEG
+    without an extension…). Only formats that PIL identifies by a signature are tried, on the first 16 bytes,
+    so a text file or other non-image is turned down in microseconds, not parsed by every plugin."""
+    import warnings
+
+    from PIL import Image, ImageFile
+
+    try:
+        with open(path, "rb") as fh:
+            prefix = fh.read(16)
+    except OSError:
+        return False
+    formats = [name for name, accept in _signatures() if accept(prefix)]
+    if not formats:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path, formats=formats) as img:
+                return not isinstance(img, ImageFile.StubImageFile)  # HDF5, GRIB…: no decoder in PIL
+    except Image.DecompressionBombError:
+        return True  # an image; decoding records why it is refused
+    except Exception:  # UnidentifiedImageError and the many ways a foreign file trips a plugin's header check
+        return False
+
+
 def _split_images(files, problems) -> list[tuple[str, str]]:
     kept = []
     for rel, abspath in files:
         ext = os.path.splitext(rel)[1].lower()
-        if ext in IMAGE_EXTENSIONS or is_dicom_file(abspath):
+        if ext in IMAGE_EXTENSIONS or is_dicom_file(abspath) or _is_image_content(abspath):
             kept.append((rel, abspath))
         else:
-            problems.append((rel, f"skipped: extension {ext or '(none)'!r} is not an image type"))
+            problems.append((rel, f"skipped: extension {ext or '(none)'!r} is not an image type "
+                                  "and PIL does not recognise the content"))
     return kept
 
 
@@ -153,34 +214,57 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
         raise FileNotFoundError(f"--images {root}: no such file or folder")
     root = root.resolve()
     problems: list[tuple[str, str]] = []
-    seen: set = set()
+    seen: dict = {}
     top_entries = sorted(os.scandir(root), key=lambda e: e.name)
+    hidden = [e.name for e in top_entries if e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
     class_dirs = [e for e in top_entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
     records: list[ImageRecord] = []
     empty: list[str] = []
     if class_dirs:
-        seen.add((root.stat().st_dev, root.stat().st_ino))
+        seen[(root.stat().st_dev, root.stat().st_ino)] = "."
         for entry in top_entries:
             if entry.name.startswith((".", "_")) or entry in class_dirs:
                 continue  # hidden files and markers such as _prepared.json are not inputs
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 problems.append((entry.name, "skipped: image at the top of a class-folder tree has no class"))
-        for d in class_dirs:
+        # real class folders first, then linked ones: a link never takes a folder's images from its own class
+        for d in sorted(class_dirs, key=lambda e: e.is_symlink()):
             label = _printable(d.name)
             if label is None:
                 problems.append((d.name.encode("utf-8", "backslashreplace").decode(), "folder name is not valid UTF-8"))
                 continue
-            files = _split_images(_walk_files(Path(d.path), d.name, problems, seen), problems)
+            reason = _linked_folder_problem(d.path, str(root)) if d.is_symlink() else None
+            if reason:
+                problems.append((d.name, reason))
+                continue
+            files = _split_images(_walk_files(Path(d.path), d.name, problems, seen, str(root)), problems)
             if not files:
                 empty.append(label)
             records += [ImageRecord(rel, abspath, label) for rel, abspath in files]
         layout = "class-folders"
     else:
-        files = _split_images(_walk_files(root, "", problems, seen), problems)
+        files = _split_images(_walk_files(root, "", problems, seen, str(root)), problems)
         records = [ImageRecord(rel, abspath, None) for rel, abspath in files]
         layout = "flat"
     records.sort(key=lambda r: r.path)
-    return _apply_group_regex(Listing(str(root), layout, records, problems, empty), regex)
+    if not records:
+        raise NoImagesError(_nothing_found(root, problems, hidden))
+    return _apply_group_regex(Listing(str(root), layout, records, problems, empty, hidden_folders=hidden),
+                              regex)
+
+
+class NoImagesError(ValueError):
+    """The input holds no image at all: a wrong --images, most likely; nothing is written."""
+
+
+def _nothing_found(root: Path, problems: list[tuple[str, str]], hidden: list[str]) -> str:
+    text = f"--images {root}: no images found"
+    if problems:
+        path, reason = problems[0]
+        text += f"; {len(problems)} file(s) skipped, e.g. {path}: {reason}"
+    if hidden:
+        text += f"; hidden folders are not read ({', '.join(hidden[:3])})"
+    return text + ". Point --images at a folder of images, or at the folder holding one sub-folder per class."
 
 
 def _list_file(path: Path) -> Listing:

@@ -1,14 +1,13 @@
 """Shard and errors-table writing for stage 1, overlapped with inference in a background thread.
 
-Rows accumulate until a shard holds ``shard_size`` rows (or ``max_seconds`` have passed, so a slow run
-never risks much work); the shard is then written atomically by a writer thread while inference goes on.
+Rows accumulate until a shard holds ``shard_size`` rows (or ``max_seconds``, a minute, have passed, so a
+crash or ``kill -9`` loses at most about a minute of work); the shard is then written atomically by a writer
+thread while inference goes on.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import os
 import queue
 import secrets
 import threading
@@ -17,7 +16,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from shardformat import ERRORS_FILE, ShardMetadata, atomic_write_table, resolve, write_shard
+from shardformat import ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
+from shardformat.layout import errors_path, legacy_errors_path, legacy_files, meta_file
 
 ERRORS_SCHEMA = pa.schema(
     [
@@ -36,7 +36,7 @@ def run_stamp() -> str:
 
 
 class ShardWriter:
-    def __init__(self, out: str, meta: ShardMetadata, *, shard_size: int = 2048, max_seconds: float = 120.0,
+    def __init__(self, out: str, meta: ShardMetadata, *, shard_size: int = 2048, max_seconds: float = 60.0,
                  stamp: str | None = None) -> None:
         self.out = out
         self.meta = meta
@@ -117,20 +117,33 @@ class ShardWriter:
         self._thread.join(timeout=60)
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during extraction, after the rows already computed were written: says how many are safe."""
+
+    def __init__(self, out: str, saved: int, before: int) -> None:
+        super().__init__(f"{saved} image(s) extracted by this run are saved in {out} ({before} were done before); "
+                         "rerun the same command to resume")
+        self.saved, self.before = saved, before
+
+
 class ShardWriteError(OSError):
     """A shard could not be written (disk full, permissions…); finished shards are intact."""
 
 
 def read_errors(out: str) -> list[dict]:
+    """The errors table of ``out`` (``OUT.meta/errors.parquet``, or ``OUT/_errors.parquet`` from older runs)."""
     import pyarrow.parquet as pq
 
-    fs, root = resolve(out)
-    path = f"{root}/{ERRORS_FILE}"
-    try:
-        with fs.open_input_file(path) as fh:
-            return pq.read_table(fh).to_pylist()
-    except (FileNotFoundError, OSError, pa.ArrowInvalid):
-        return []
+    for location in (errors_path(out), legacy_errors_path(out)):
+        fs, path = resolve(location)
+        try:
+            with fs.open_input_file(path) as fh:
+                return pq.read_table(fh).to_pylist()
+        except FileNotFoundError:
+            continue
+        except (OSError, pa.ArrowInvalid):
+            return []
+    return []
 
 
 def write_errors(out: str, errors: list[dict]) -> None:
@@ -138,30 +151,16 @@ def write_errors(out: str, errors: list[dict]) -> None:
     table = pa.Table.from_pylist(
         [{k: e.get(k) for k in ERRORS_SCHEMA.names} for e in rows], schema=ERRORS_SCHEMA
     )
-    fs, root = resolve(out)
-    atomic_write_table(table, fs, f"{root}/{ERRORS_FILE}")
+    fs, path = resolve(errors_path(out))
+    atomic_write_table(table, fs, path)
+    for location in legacy_files(out):
+        legacy_fs, legacy = resolve(location)
+        try:  # now in the meta folder: out of the shard folder, so that globs there see shards only
+            legacy_fs.delete_file(legacy)
+        except OSError:
+            pass
 
 
 def write_json(out: str, name: str, payload: dict) -> None:
-    fs, root = resolve(out)
-    data = json.dumps(payload, indent=1, default=str).encode()
-    path = f"{root}/{name}"
-    if isinstance(fs, pa.fs.LocalFileSystem):
-        tmp = f"{root}/.tmp-{secrets.token_hex(4)}-{name}"
-        try:
-            with open(tmp, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except OSError as exc:  # disk full or read-only: no half-written file left, and say which file
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            if exc.filename is None:
-                exc.filename = path
-            raise
-    else:
-        with fs.open_output_stream(path) as fh:
-            fh.write(data)
+    """Write ``name`` as JSON into the meta folder beside ``out`` (``OUT.meta/``), atomically."""
+    atomic_write_json(meta_file(out, name), payload)

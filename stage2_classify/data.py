@@ -88,8 +88,9 @@ def load_dataset(shards: str | os.PathLike, *, expect: ShardMetadata | None = No
     labels = fs.labels[rows]
     classes, y = np.unique(labels.astype(str), return_inverse=True)
     if len(classes) < 2:
-        raise DatasetError(f"{os.fspath(shards)}: only one class ({classes[0]!r}) among {n_labelled} labelled "
+        raise DatasetError(f"{os.fspath(shards)}: only one class ({str(classes[0])!r}) among {n_labelled} labelled "
                            "rows; a classifier needs at least two")
+    _refuse_degenerate(os.fspath(shards), classes, np.bincount(y.reshape(-1), minlength=len(classes)))
     return Dataset(
         features=fs.features if np.array_equal(rows, np.arange(len(fs))) else fs.features[rows],
         y=y.astype(np.int64).reshape(-1),
@@ -101,4 +102,22 @@ def load_dataset(shards: str | os.PathLike, *, expect: ShardMetadata | None = No
         content_ids=fs.content_ids[rows],
         groups=fs.groups[rows],
         duplicate_rows_dropped=fs.duplicate_rows_dropped,
+    )
+
+
+MIN_ROWS_PER_CLASS = 3  # one row each for training, validation and test; two such classes or no score means anything
+
+
+def _refuse_degenerate(where: str, classes, counts: np.ndarray) -> None:
+    """A clear error instead of a model scored on one or two rows (e.g. ``--images`` pointed at one class
+    folder, whose sub-folders then became the classes)."""
+    usable = int((counts >= MIN_ROWS_PER_CLASS).sum())
+    if usable >= 2:
+        return
+    shown = ", ".join(f"{c}: {n}" for c, n in list(zip(map(str, classes), counts.tolist()))[:10])
+    raise DatasetError(
+        f"{where}: too little data to train and evaluate a classifier: {int(counts.sum())} labelled rows in "
+        f"{len(classes)} classes ({shown}{', …' if len(classes) > 10 else ''}); it needs two classes with "
+        f"{MIN_ROWS_PER_CLASS} rows or more. If --images pointed at one class folder, point it "
+        "at the folder that holds one sub-folder per class."
     )

@@ -57,15 +57,7 @@ def _probabilities(run: LoadedRun, features: np.ndarray) -> np.ndarray:
 
 
 def _atomic_write(write, out: str) -> None:
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".tmp-{os.getpid()}-{os.path.basename(out)}")
-    try:
-        write(tmp)
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    shardformat.atomic_write_via_path(out, write)
 
 
 def predict(shards: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike) -> str:

@@ -15,6 +15,7 @@ import re
 import shutil
 import sys
 import tempfile
+import zipfile
 from pathlib import Path
 
 from shardformat.io import fsync_dir
@@ -63,7 +64,12 @@ class RunWriter:
         return str(self.tmp / name)
 
     def write_text(self, name: str, text: str) -> None:
-        (self.tmp / name).write_text(text)
+        try:
+            (self.tmp / name).write_text(text)
+        except OSError as exc:  # a full disk: say which file of which run, not a bare "[Errno 28]"
+            if exc.filename is None:
+                exc.filename = str(self.final / name)
+            raise
 
     def write_json(self, name: str, payload) -> None:
         self.write_text(name, json.dumps(payload, indent=1, default=_json_default))
@@ -154,6 +160,9 @@ def check_run(run_dir: str | os.PathLike) -> Path:
     missing = [f for f in REQUIRED if not (path / f).is_file()]
     if missing:
         raise RunDirError(f"{path}: not a complete training run (missing {', '.join(missing)}); train it again")
+    if not zipfile.is_zipfile(path / "model.keras"):  # Keras would say "File not found" about a file that exists
+        raise RunDirError(f"{path / 'model.keras'}: not a Keras model file (a .keras file is a zip archive; this "
+                          "one is not, e.g. a pickle saved under that name); train the run again")
     return path
 
 

@@ -16,6 +16,8 @@ import math
 import os
 from typing import Sequence
 
+from shardformat import atomic_write_text
+from shardformat.layout import require_folder
 from stage2_classify.data import Dataset, DatasetError, load_dataset
 from stage2_classify.split import split_notes
 from stage2_classify.train import (TrainOptions, fit_head, make_split, metrics_by_split, predict_proba,
@@ -62,6 +64,8 @@ def sweep(shards: str | os.PathLike, out: str | os.PathLike | None = None, *,
     """
     if rank_by not in RANK_KEYS:
         raise ValueError(f"rank_by must be one of {', '.join(RANK_KEYS)}, not {rank_by!r}")
+    if out is not None:
+        require_folder(out)  # before training, not after it
     combos = _combinations(hidden, dropout, learning_rate)
     if not combos:
         raise ValueError("nothing to sweep: give at least one hidden size, dropout and learning rate")
@@ -119,12 +123,12 @@ def sweep(shards: str | os.PathLike, out: str | os.PathLike | None = None, *,
     if out is not None:
         os.makedirs(out, exist_ok=True)
         best_dir = _keep_best(os.path.join(out, "best"), shards, ds, split, base, trained[best_key])
-        _atomic_text(os.path.join(out, "sweep.csv"), _csv(rows))
-        _atomic_text(os.path.join(out, "sweep.json"), json.dumps(
+        atomic_write_text(os.path.join(out, "sweep.csv"), _csv(rows))
+        atomic_write_text(os.path.join(out, "sweep.json"), json.dumps(
             {"shards": os.fspath(shards), "rank_by": rank_by, "best_run": best_dir, "split": split_info(base),
              "options": {k: v for k, v in dataclasses.asdict(base).items()
                          if k not in ("hidden", "dropout", "learning_rate")}, "rows": rows}, indent=1))
-        _atomic_text(os.path.join(out, "sweep.txt"), table + "\n")
+        atomic_write_text(os.path.join(out, "sweep.txt"), table + "\n")
     if progress:
         print(table)
         if out is not None:
@@ -165,13 +169,6 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
-
-
-def _atomic_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def format_table(rows: list[dict], rank_by: str = "val_macro_f1") -> str:

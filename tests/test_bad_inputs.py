@@ -1,5 +1,5 @@
 """Bad-input corpus: every odd file a user's collection may hold is either processed correctly or recorded in
-``_errors.parquet`` with a readable reason, and the run never aborts (unless ``strict``).
+the errors table (``OUT.meta/errors.parquet``) with a readable reason, and the run never aborts (unless ``strict``).
 
 One class-folder tree holds every kind (``build_corpus``); one extraction runs over it (tiny ONNX model, so it
 takes seconds) and each kind is checked on its own. Where a kind must be *processed correctly*, its features
@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import shardformat
+from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
 from tests.helpers import make_tiny_onnx, photo
 
@@ -34,7 +35,7 @@ NON_UTF8_NAME = b"latin1-\xe9t\xe9.jpg"
 NON_UTF8_PATH = "b/" + os.fsdecode(NON_UTF8_NAME).encode("utf-8", "backslashreplace").decode()
 
 # kind, path in the tree (as shards and the errors table spell it), expected outcome, part of the reason.
-# Outcomes: "ok" (extracted, features checked where a reference exists), "error" (in _errors.parquet with a
+# Outcomes: "ok" (extracted, features checked where a reference exists), "error" (in the errors table with a
 # reason containing the text), "ignored" (hidden files: neither), "empty-class" (reported in the summary).
 KINDS: list[tuple[str, str, str, str | None]] = [
     ("good PNG", "a/good.png", "ok", None),
@@ -306,7 +307,7 @@ def corpus(tmp_path_factory):
     feats = dict(zip(table.column("path").to_pylist(), np.asarray(table.column("feature").to_pylist(), np.float32)))
     rt = pq.read_table(base / "refs-out")
     ref = dict(zip(rt.column("path").to_pylist(), np.asarray(rt.column("feature").to_pylist(), np.float32)))
-    errors = pq.read_table(out / "_errors.parquet").to_pylist()
+    errors = pq.read_table(errors_path(out)).to_pylist()
     return dict(base=base, root=root, out=out, tiny=tiny, summary=summary, feats=feats, ref=ref, errors=errors,
                 paths=table.column("path").to_pylist())
 
@@ -356,7 +357,7 @@ def test_run_did_not_abort_and_counts_add_up(corpus):
     assert {e["path"] for e in corpus["errors"]} == want_errors
     assert s.errors == len(want_errors) == len(corpus["errors"]), corpus["errors"]
     assert len(corpus["paths"]) == len(set(corpus["paths"]))  # exactly once
-    assert (corpus["out"] / "_run.json").is_file()
+    assert Path(meta_file(corpus["out"], "run.json")).is_file()
     # every finished shard opens and validates
     assert len(shardformat.read_features(corpus["out"])) == n_ok
 
@@ -406,7 +407,7 @@ def test_rerun_is_a_no_op_with_the_same_errors(corpus, tmp_path):
                 progress=False)
     assert s.extracted == 0 and s.already_done == len(corpus["feats"])
     assert s.errors == len(corpus["errors"])
-    assert sorted(pq.read_table(corpus["out"] / "_errors.parquet").to_pylist(), key=lambda e: e["path"]) == \
+    assert sorted(pq.read_table(errors_path(corpus["out"])).to_pylist(), key=lambda e: e["path"]) == \
         sorted(corpus["errors"], key=lambda e: e["path"])
 
 
@@ -475,7 +476,7 @@ def test_unreadable_file_and_folder_are_recorded_not_fatal(tmp_path):
         (root / "a" / "secret.png").chmod(0o644)
         (root / "a" / "locked").chmod(0o755)
     assert r.returncode == 0, r.stderr
-    errors = {e["path"]: e["reason"] for e in pq.read_table(out / "_errors.parquet").to_pylist()}
+    errors = {e["path"]: e["reason"] for e in pq.read_table(errors_path(out)).to_pylist()}
     assert errors.get("a/secret.png") == "permission denied", errors
     assert "Permission denied" in errors.get("a/locked", ""), errors
     assert pq.read_table(out).column("path").to_pylist() == ["a/readable.png"]
@@ -499,7 +500,7 @@ def test_fifo_in_a_file_list_is_recorded_not_waited_on(tmp_path):
     except subprocess.TimeoutExpired:
         pytest.fail("the run hung on a FIFO listed in the file list")
     assert r.returncode == 0, r.stderr
-    errors = {e["path"]: e["reason"] for e in pq.read_table(out / "_errors.parquet").to_pylist()}
+    errors = {e["path"]: e["reason"] for e in pq.read_table(errors_path(out)).to_pylist()}
     assert errors == {"imgs/pipe.jpg": "not a regular file", "/dev/zero": "not a regular file"}, errors
     assert pq.read_table(out).column("path").to_pylist() == ["imgs/good.png"]
 

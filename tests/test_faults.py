@@ -24,6 +24,7 @@ import pytest
 from PIL import Image
 
 import shardformat
+from shardformat.layout import errors_path, meta_dir, meta_file
 from stage1_extract import extract
 from stage1_extract.lock import OutputLock
 from tests.helpers import make_image_tree, make_tiny_onnx, photo
@@ -177,7 +178,7 @@ def wait_for_lock(proc: subprocess.Popen, out: Path, timeout: float = 120) -> bo
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if (out / "_lock").read_text().strip() == str(proc.pid):
+            if Path(meta_file(out, "lock")).read_text().strip() == str(proc.pid):
                 return True
         except OSError:
             pass
@@ -295,11 +296,11 @@ def test_kill_9_at_20_random_moments_then_resume_loses_nothing(tmp_path):
         np.testing.assert_allclose(got[p], want[p], rtol=1e-5, atol=1e-5, err_msg=p)
     labels = dict(zip(paths, table.column("label").to_pylist()))
     assert all(labels[p] == p.split("/")[0] for p in paths)
-    errors = {e["path"]: e["reason"] for e in pq.read_table(out / "_errors.parquet").to_pylist()}
+    errors = {e["path"]: e["reason"] for e in pq.read_table(errors_path(out)).to_pylist()}
     assert set(errors) == bad, (sorted(errors), sorted(bad))
     assert not list(out.glob(".tmp-*")), "temporary files left behind"
     assert lock_is_free(out)
-    summary = json.loads((out / "_run.json").read_text())
+    summary = json.loads(Path(meta_file(out, "run.json")).read_text())
     assert summary["listed"] == len(good) + len(bad) - len(LISTING_PROBLEMS)
 
 
@@ -326,7 +327,7 @@ def _assert_exactly_once_like(out: Path, ref: Path, state: dict) -> None:
     assert len(paths) == len(set(paths)) and set(got) == set(want) == {p for p, s in state.items() if s == "good"}
     for p in want:
         np.testing.assert_allclose(got[p], want[p], rtol=1e-5, atol=1e-5)
-    errors = {e["path"] for e in pq.read_table(out / "_errors.parquet").to_pylist()}
+    errors = {e["path"] for e in pq.read_table(errors_path(out)).to_pylist()}
     assert errors == {p for p, s in state.items() if s == "bad"}
 
 
@@ -385,7 +386,7 @@ def test_disk_full_while_compacting_old_shards(small_tree, tmp_path, monkeypatch
     real = pq.write_table
 
     def fake(table, where, *args, **kwargs):
-        name = os.path.basename(getattr(where, "name", ""))
+        name = os.path.basename(getattr(where, "name", "")).removesuffix(".partial")
         if any(name.endswith("-" + b) for b in before):  # rewriting an existing shard: the disk is full
             where.write(b"PAR1 half a shard")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -408,7 +409,7 @@ def test_disk_full_while_compacting_old_shards(small_tree, tmp_path, monkeypatch
 
 @pytest.mark.faults
 def test_disk_full_while_writing_the_run_summary(small_tree, tmp_path, monkeypatch):
-    import stage1_extract.writer as writer_module
+    import shardformat.files as writer_module  # the one atomic writer every small file goes through
 
     root, state, tiny, ref = small_tree
     out = tmp_path / "out"
@@ -430,13 +431,13 @@ def test_disk_full_while_writing_the_run_summary(small_tree, tmp_path, monkeypat
 
     def guarded_open(path, mode="r", *args, **kwargs):
         fh = real_open(path, mode, *args, **kwargs)
-        return FullDisk(fh) if "w" in mode and "_run.json" in os.fspath(path) else fh
+        return FullDisk(fh) if "w" in mode and "run.json" in os.fspath(path) else fh
 
     monkeypatch.setattr(writer_module, "open", guarded_open, raising=False)
     with pytest.raises(OSError) as info:
         _extract(root, out, tiny)
-    assert "No space left on device" in str(info.value) and "_run.json" in str(info.value), str(info.value)
-    assert not list(out.glob(".tmp-*")), "the half-written summary was left behind"
+    assert "No space left on device" in str(info.value) and "run.json" in str(info.value), str(info.value)
+    assert not list(Path(meta_dir(out)).glob(".tmp-*")), "the half-written summary was left behind"
     monkeypatch.undo()
     s = _extract(root, out, tiny)
     assert s.extracted == 0
@@ -569,7 +570,7 @@ def test_second_run_on_the_same_output_refuses_while_the_first_writes(tmp_path):
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and first.poll() is None:
             try:
-                if (out / "_lock").read_text().strip() == str(first.pid):
+                if Path(meta_file(out, "lock")).read_text().strip() == str(first.pid):
                     break
             except OSError:
                 pass

@@ -6,6 +6,7 @@ changes; both engines on one output directory; a ``file://`` output; the CLI; fa
 
 import json
 import os
+from pathlib import Path
 import re
 import shutil
 import sys
@@ -15,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import shardformat
+from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
 from tests.helpers import make_image_tree, make_tiny_onnx
 
@@ -56,7 +58,7 @@ def features(out) -> dict[str, np.ndarray]:
 
 
 def errors(out) -> list[dict]:
-    return pq.read_table(os.path.join(out, "_errors.parquet")).to_pylist()
+    return pq.read_table(errors_path(out)).to_pylist()
 
 
 def assert_same_output(a, b):
@@ -87,7 +89,7 @@ def test_ray_and_local_engines_produce_the_same_shards_and_errors(tree, tiny, tm
     mr = shardformat.read_metadata(shards[0])
     assert mr.compatibility_key() == ml.compatibility_key() and mr.backbone == "onnx:tiny.onnx"
     assert pq.read_schema(shards[0]) == pq.read_schema(shardformat.list_shards(tmp_path / "local")[0])
-    summary = json.loads((tmp_path / "ray" / "_run.json").read_text())
+    summary = json.loads(Path(meta_file(tmp_path / "ray", "run.json")).read_text())
     assert summary["extracted"] == 12 and summary["errors"] == 3 and summary["shards_written"] == len(shards)
     assert "stage 1 done" in remote.format()
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import shardformat
+from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
 from stage1_extract.lock import OutputLock, OutputLockedError
 from tests.helpers import make_image_tree, make_tiny_onnx
@@ -53,11 +54,11 @@ def test_shards_have_the_documented_schema_and_metadata(tree, tmp_path):
     assert fs.features.shape == (9, 1280) and fs.features.dtype == np.float32 and np.isfinite(fs.features).all()
     assert len(pd.read_parquet(out)) == 9
     assert duckdb.sql(f"select count(*) from read_parquet('{out}/part-*.parquet')").fetchall()[0][0] == 9
-    errors = pq.read_table(out / "_errors.parquet").to_pylist()
+    errors = pq.read_table(errors_path(out)).to_pylist()
     reasons = {e["path"]: e["reason"] for e in errors}
     assert set(reasons) == {"cat/broken.jpg", "cat/notes.txt"}
     assert "cannot decode" in reasons["cat/broken.jpg"] and "extension" in reasons["cat/notes.txt"]
-    summary = json.loads((out / "_run.json").read_text())
+    summary = json.loads(Path(meta_file(out, "run.json")).read_text())
     assert summary["extracted"] == 9 and summary["errors"] == 2
 
 

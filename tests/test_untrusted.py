@@ -84,8 +84,10 @@ def test_crafted_weights_refused_before_any_export(tmp_path):
 
 
 def test_crafted_weights_via_the_cli(tmp_path):
+    from tests.helpers import make_image_tree
+
     path, marker = _crafted_weights(tmp_path, "torch-zip")
-    (tmp_path / "imgs").mkdir()
+    make_image_tree(tmp_path / "imgs", per_class=1)  # an empty folder is refused before the weights are read
     r = subprocess.run([sys.executable, "-m", "stage1_extract", "--images", str(tmp_path / "imgs"), "--out",
                         str(tmp_path / "out"), "--weights", str(path), "--no-progress"],
                        capture_output=True, text=True, timeout=300, cwd=REPO)

@@ -1,11 +1,14 @@
 """Shard directories given as URIs (here ``file://``, the one pyarrow filesystem available offline): writing and
 reading through ``shardformat``, stage 1 writing to a URI with the local engine, and stage 2 loading from it."""
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 import shardformat
+from shardformat.layout import errors_path, meta_file
 from stage1_extract import extract
 from tests.helpers import make_image_tree, make_tiny_onnx
 
@@ -67,7 +70,7 @@ def test_stage1_local_engine_extracts_into_a_file_uri(tree, tmp_path):
     uri = folder.as_uri()
     s = extract(tree, uri, onnx=tiny, input_size=32, progress=False, shard_size=4)
     assert (s.extracted, s.errors, s.out) == (9, 1, uri)
-    assert (folder / "_errors.parquet").is_file() and (folder / "_run.json").is_file()
+    assert Path(errors_path(folder)).is_file() and Path(meta_file(folder, "run.json")).is_file()
     fs = shardformat.read_features(uri)
     assert len(fs) == 9 and fs.features.shape[1] == 8
 
@@ -124,7 +127,7 @@ def bucket(tmp_path, monkeypatch):
 def test_stage1_compacts_on_a_filesystem_with_bucket_relative_paths(tree, tmp_path, bucket):
     tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
     s = extract(tree, "mem://features", onnx=tiny, input_size=32, progress=False)
-    assert s.extracted == 9 and (bucket / "features" / "_errors.parquet").is_file()
+    assert s.extracted == 9 and Path(errors_path(bucket / "features")).is_file()
     assert all(not p.startswith("/") for p in shardformat.list_shards("mem://features"))  # S3-like listing
     (tree / "cat" / "cat_000.jpg").unlink()
     (tree / "space" / "space_000.jpg").write_bytes((tree / "coffee" / "coffee_000.jpg").read_bytes())
