@@ -79,7 +79,11 @@ class RunWriter:
         self.write_json(MARKER, marker)
         for f in self.tmp.iterdir():
             with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
+                try:
+                    os.fsync(fh.fileno())
+                except OSError as exc:  # a full disk: name the file, not a bare "[Errno 28]"
+                    exc.filename = exc.filename or str(self.final / f.name)
+                    raise
         _fsync_dir(self.tmp)
         umask = os.umask(0)
         os.umask(umask)

@@ -14,6 +14,7 @@ import pytest
 pydicom = pytest.importorskip("pydicom")
 
 import shardformat  # noqa: E402
+from shardformat.layout import errors_path, meta_dir  # noqa: E402
 from stage1_extract import extract  # noqa: E402
 from stage1_extract.dicom_records import SALT_ENV, group_id, group_salt, salt_file  # noqa: E402
 from tests.helpers import make_dicom_tree, make_tiny_onnx  # noqa: E402
@@ -34,7 +35,7 @@ def salt(monkeypatch, tmp_path):
 
 
 def errors(out) -> dict[str, str]:
-    return {e["path"]: e["reason"] for e in pq.read_table(os.path.join(out, "_errors.parquet")).to_pylist()}
+    return {e["path"]: e["reason"] for e in pq.read_table(errors_path(out)).to_pylist()}
 
 
 def test_extract_a_dicom_folder_with_groups_and_readable_errors(tmp_path, tiny, caplog, capfd, recwarn):
@@ -69,7 +70,7 @@ def test_extract_a_dicom_folder_with_groups_and_readable_errors(tmp_path, tiny, 
     text = caplog.text + captured.out + captured.err + "".join(str(w.message) for w in recwarn)
     for value in [*secrets.values(), "SECRETPID"]:  # the prefix also marks the study UIDs
         assert value not in text
-        for dirpath, _, names in os.walk(out):
+        for dirpath, _, names in [*os.walk(out), *os.walk(meta_dir(out))]:
             for name in names:
                 with open(os.path.join(dirpath, name), "rb") as fh:
                     assert value.encode() not in fh.read(), (name, value)

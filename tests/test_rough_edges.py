@@ -50,8 +50,8 @@ def test_sweep_on_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, mon
     out = tmp_path / "sweep"
     monkeypatch.setattr(os, "fsync", _enospc)
     with pytest.raises(OSError) as info:
-        sweep(shards, out, hidden=[()], epochs=1, verbose=0)
-    assert "No space left on device" in str(info.value) and "sweep.csv" in str(info.value)
+        sweep(shards, out, hidden=[()], epochs=1, progress=False)
+    assert "No space left on device" in str(info.value) and str(out) in str(info.value)  # names the file
     assert list(out.iterdir()) == []
 
 
@@ -71,7 +71,7 @@ def test_training_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(pathlib.Path, "write_text", full_disk)
     with pytest.raises(OSError) as info:
-        train(shards, tmp_path / "run", epochs=1, verbose=0)
+        train(shards, tmp_path / "run", epochs=1, progress=False)
     assert "No space left on device" in str(info.value) and str(tmp_path / "run" / "metrics.json") in str(info.value)
     assert not (tmp_path / "run").exists()
 
