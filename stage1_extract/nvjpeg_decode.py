@@ -19,6 +19,7 @@ On a machine without a GPU the same code runs with nvImageCodec's CPU back end a
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import stat
@@ -85,7 +86,7 @@ def _import_nvimgcodec():
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            from nvidia import nvimgcodec
+            nvimgcodec = importlib.import_module("nvidia.nvimgcodec")
         except ImportError as exc:
             raise GpuDecodeUnavailableError(f"GPU JPEG decoding needs nvImageCodec ({exc}): {INSTALL_HINT}") from None
         finally:
