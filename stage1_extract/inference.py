@@ -63,9 +63,13 @@ class OverlappedInference:
             self._outputs = [torch.empty((s.batch_size, s.output_dim), dtype=out_dtype, device=self._device)
                              for _ in range(n)]
         if s.cuda_graph:
-            # A CUDA graph replays fixed addresses: every slot is copied into one bound input before its run.
-            self._graph_input, out = self._slots[0].clone(), self._outputs[0]
-            self._bindings = [s.bind_device(self._graph_input.data_ptr(), out.data_ptr())] * n
+            # A CUDA graph replays the addresses it captured: every run uses the session's own fixed buffers
+            # (the ones FeatureSession.run uses too), and each slot is copied into that input before its run.
+            in_ptr, out_ptr = s.fixed_buffers()
+            self._graph_input = _device_view(torch, in_ptr, shape, "|u1", self._device)
+            out = _device_view(torch, out_ptr, (s.batch_size, s.output_dim),
+                               "<f2" if s.output_dtype == np.float16 else "<f4", self._device)
+            self._bindings = [s.bind_device(in_ptr, out_ptr)] * n
             self._outputs = [out] * n
         else:
             self._graph_input = None
@@ -190,3 +194,13 @@ def _torch_cuda():
     except ImportError:
         return None
     return torch if torch.cuda.is_available() else None
+
+
+def _device_view(torch, ptr: int, shape: tuple, typestr: str, device):
+    """A torch tensor over device memory that ONNX Runtime owns (CUDA array interface, no copy)."""
+
+    class _Memory:
+        __cuda_array_interface__ = {"shape": tuple(shape), "typestr": typestr, "data": (ptr, False),
+                                    "version": 3, "strides": None}
+
+    return torch.as_tensor(_Memory(), device=device)

@@ -32,7 +32,7 @@ import numpy as np
 from stage1_extract.decode import MAX_FILE_BYTES, DecodeError, content_id, decode_image
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
-from stage1_extract.torch_decode import MAX_ASPECT, resize_crop
+from stage1_extract.torch_decode import MAX_ASPECT, resize_crop_float
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'hybrid-transfer[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg)"
@@ -99,25 +99,26 @@ def _import_nvimgcodec():
     return nvimgcodec
 
 
-def read_file(path: str) -> tuple[bytes | None, str | None, int, int]:
-    """(bytes or None, error reason, size, mtime_ns), with the worker-process pool's reasons and size limit."""
+def read_file(path: str) -> tuple[bytes | None, str | None, int, int, str | None]:
+    """(bytes or None, error reason, size, mtime_ns, content id), with the worker-process pool's reasons and
+    size limit. The content id is hashed here, in the reading threads, not on the thread feeding the GPU."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
     except OSError as exc:
         reason = "permission denied" if isinstance(exc, PermissionError) else f"cannot open: {exc.strerror or exc}"
-        return None, reason, 0, 0
+        return None, reason, 0, 0, None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file", st.st_size, st.st_mtime_ns
+            return None, "not a regular file", st.st_size, st.st_mtime_ns, None
         if st.st_size > MAX_FILE_BYTES:
             return (None, f"file is {st.st_size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit",
-                    st.st_size, st.st_mtime_ns)
+                    st.st_size, st.st_mtime_ns, None)
         with os.fdopen(os.dup(fd), "rb") as fh:
             data = fh.read()
-        return data, None if data else "empty file (0 bytes)", st.st_size, st.st_mtime_ns
+        return data, None if data else "empty file (0 bytes)", st.st_size, st.st_mtime_ns, content_id(data)
     except OSError as exc:
-        return None, f"cannot read file: {exc.strerror or exc}", 0, 0
+        return None, f"cannot read file: {exc.strerror or exc}", 0, 0, None
     finally:
         os.close(fd)
 
@@ -169,8 +170,10 @@ class NvImageCodecDecoder:
         # PIL refuses more than twice its MAX_IMAGE_PIXELS as a bomb: such files go to PIL to be refused alike.
         self._max_pixels = 2 * (Image.MAX_IMAGE_PIXELS or 1 << 62)
         self._io = ThreadPoolExecutor(max_workers=io_threads, thread_name_prefix="read")
-        self._out = torch.empty((batch_size, prep.input_size, prep.input_size, 3), dtype=torch.uint8,
-                                device=self.device)
+        shape = (batch_size, prep.input_size, prep.input_size, 3)
+        self._out = torch.empty(shape, dtype=torch.uint8, device=self.device)
+        # resized images gather here and are rounded to uint8 once per batch: fewer kernels per image
+        self._out_float = torch.empty(shape, dtype=torch.float32, device=self.device)
         self.pixels_on_device = on_gpu
 
     def _code_stream(self, data: bytes):
@@ -210,33 +213,36 @@ class NvImageCodecDecoder:
     def _batch(self, chunk: list[int], results: list) -> Batch:
         torch = self.torch
         t0 = time.perf_counter()
-        streams = {k: self._code_stream(data) for k, (data, reason, _, _) in enumerate(results) if reason is None}
+        streams = {k: self._code_stream(data) for k, (data, reason, *_) in enumerate(results) if reason is None}
+        # what the device will not take goes to PIL in the reading threads, while the device decodes the rest
+        pil = self._pil_jobs([k for k, cs in streams.items() if cs is None], results)
         on_device = [k for k, cs in streams.items() if cs is not None]
         images = dict(zip(on_device, self._decode_on_device([streams[k] for k in on_device])))
-        # everything the device will not decode goes to PIL, in the reading threads, while the device works
-        fallback = [k for k in streams if images.get(k) is None]
-        pil = dict(zip(fallback, self._io.map(_pil_decode, [results[k][0] for k in fallback],
-                                              [self.prep] * len(fallback))))
+        refused = self._pil_jobs([k for k in on_device if images[k] is None or images[k].shape[2] != 3], results)
+        pil.update(refused)
         items, row = [], 0
         for k, index in enumerate(chunk):
-            data, reason, size, mtime = results[k]
-            cid = content_id(data) if data is not None else None
+            data, reason, size, mtime, cid = results[k]
             if reason is None:
                 image = images.get(k)
                 try:
-                    if image is not None and image.shape[2] == 3:
-                        self._out[row] = resize_crop(self._to_tensor(image), self.prep)
+                    if k not in pil:
+                        self._out_float[row] = resize_crop_float(self._to_tensor(image), self.prep)
                     else:
-                        pixels, reason = pil[k] if k in pil else _pil_decode(data, self.prep)
+                        pixels, reason = pil[k].result()
                         if reason is None:
-                            self._out[row] = torch.from_numpy(pixels).to(self.device, non_blocking=True)
+                            self._out_float[row] = torch.from_numpy(pixels).to(self.device, non_blocking=True)
                 except Exception as exc:  # noqa: BLE001 - one file, never the run
                     reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
             items.append(ItemResult(index, row if reason is None else -1, reason, cid, size, mtime))
             if reason is None:
                 row += 1
+        self._out[:row] = self._out_float[:row].round_().clamp_(0, 255)  # whole numbers in 0..255: exact
         pixels = self._out[:row] if self.pixels_on_device else self._out[:row].numpy()
         return Batch(slot=0, pixels=pixels, items=items, decode_seconds=time.perf_counter() - t0)
+
+    def _pil_jobs(self, rows: list[int], results: list) -> dict:
+        return {k: self._io.submit(_pil_decode, results[k][0], self.prep) for k in rows}
 
     def run(self, paths: Sequence[str]) -> Iterator[Batch]:
         bs = self.batch_size

@@ -295,6 +295,11 @@ class FeatureSession:
                        output_ptr)
         return io
 
+    def fixed_buffers(self) -> tuple[int, int]:
+        """Device addresses of the preallocated input and output that :meth:`run` uses. Under a CUDA graph
+        every run must use these: the graph replays the addresses it captured, whatever is bound."""
+        return self._input.data_ptr(), self._fixed_output().data_ptr()
+
     def run_binding(self, io) -> None:
         """Run on the buffers bound by :meth:`bind_device`; returns when the outputs are written."""
         self.session.run_with_iobinding(io)

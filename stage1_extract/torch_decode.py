@@ -54,6 +54,13 @@ def resize_crop(img, prep: Preprocessing):
     centre crop, antialiased — the PIL decoder's geometry (``decode._crop_box``)."""
     import torch
 
+    return resize_crop_float(img, prep).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_crop_float(img, prep: Preprocessing):
+    """:func:`resize_crop` before rounding: (S, S, 3) float32, so a batch can be rounded in one go."""
+    import torch
+
     p = prep
     _, h, w = img.shape
     scale = p.resize / min(w, h)
@@ -66,8 +73,7 @@ def resize_crop(img, prep: Preprocessing):
                                         align_corners=False if mode != "nearest" else None)
     left = int(round((new_w - p.input_size) / 2))
     top = int(round((new_h - p.input_size) / 2))
-    x = x[0, :, top:top + p.input_size, left:left + p.input_size]
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return x[0, :, top:top + p.input_size, left:left + p.input_size].permute(1, 2, 0)
 
 
 class TorchDecoder:
