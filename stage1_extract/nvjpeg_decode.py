@@ -175,6 +175,7 @@ class NvImageCodecDecoder:
         # resized images gather here and are rounded to uint8 once per batch: fewer kernels per image
         self._out_float = torch.empty(shape, dtype=torch.float32, device=self.device)
         self.pixels_on_device = on_gpu
+        self._warned = False
 
     def _code_stream(self, data: bytes):
         """nvImageCodec's view of a file when the device should decode it, else None (PIL's turn)."""
@@ -220,6 +221,7 @@ class NvImageCodecDecoder:
         images = dict(zip(on_device, self._decode_on_device([streams[k] for k in on_device])))
         refused = self._pil_jobs([k for k in on_device if images[k] is None or images[k].shape[2] != 3], results)
         pil.update(refused)
+        self._warn_if_all_refused(len(on_device), len(refused))
         items, row = [], 0
         for k, index in enumerate(chunk):
             data, reason, size, mtime, cid = results[k]
@@ -240,6 +242,14 @@ class NvImageCodecDecoder:
         self._out[:row] = self._out_float[:row].round_().clamp_(0, 255)  # whole numbers in 0..255: exact
         pixels = self._out[:row] if self.pixels_on_device else self._out[:row].numpy()
         return Batch(slot=0, pixels=pixels, items=items, decode_seconds=time.perf_counter() - t0)
+
+    def _warn_if_all_refused(self, offered: int, refused: int) -> None:
+        """Say so (once) when the device decodes none of a batch's JPEGs: the output is still right (PIL
+        decodes them), but slow — typically nvJPEG's library is missing and only the CPU could register."""
+        if offered >= 8 and refused == offered and not self._warned:
+            self._warned = True
+            log.warning("the GPU decoder refused all %d JPEGs of a batch; PIL decodes them instead (slower). "
+                        "Is nvJPEG installed? %s", offered, INSTALL_HINT)
 
     def _pil_jobs(self, rows: list[int], results: list) -> dict:
         return {k: self._io.submit(_pil_decode, results[k][0], self.prep) for k in rows}

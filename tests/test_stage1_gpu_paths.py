@@ -231,3 +231,21 @@ def test_file_reading_gives_the_pool_reasons(tmp_path):
     assert nvimgcodec.read_file(str(tmp_path / "fifo.jpg"))[1] == "not a regular file"
     (tmp_path / "empty.jpg").write_bytes(b"")
     assert nvimgcodec.read_file(str(tmp_path / "empty.jpg"))[1] == "empty file (0 bytes)"
+
+
+def test_a_decoder_that_refuses_everything_is_reported_once(caplog):
+    _needs_nvimgcodec()
+    with nvimgcodec.NvImageCodecDecoder(PREP, batch_size=4, device="cpu", io_threads=2) as dec:
+        with caplog.at_level("WARNING", logger="stage1_extract.nvjpeg_decode"):
+            dec._warn_if_all_refused(16, 3)  # some decoded: nothing to say
+            dec._warn_if_all_refused(16, 16)
+            dec._warn_if_all_refused(16, 16)
+    assert [r.message.count("refused all 16 JPEGs") for r in caplog.records] == [1]
+
+
+def test_cli_takes_the_gpu_options():
+    from stage1_extract.cli import build_parser
+
+    args = build_parser().parse_args(["--images", "i", "--out", "o", "--decode", "nvimgcodec-cpu", "--cuda-graph",
+                                      "--provider", "tensorrt"])
+    assert (args.decode, args.cuda_graph, args.provider) == ("nvimgcodec-cpu", True, "tensorrt")
