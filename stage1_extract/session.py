@@ -214,7 +214,8 @@ class FeatureSession:
         if provider == "tensorrt" and self.provider != "tensorrt":
             raise ProviderUnavailableError(
                 f"--provider tensorrt was requested but ONNX Runtime could not start TensorRT (active: {active}): "
-                f"the TensorRT libraries found do not match this onnxruntime-gpu; {TENSORRT_HINT}, "
+                "the TensorRT libraries found do not match this onnxruntime-gpu (1.31 needs TensorRT 10, "
+                f"libnvinfer.so.10); {TENSORRT_HINT}, "
                 "or use --provider cuda"
             )
         self.on_gpu = self.provider != "cpu"

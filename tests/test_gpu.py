@@ -170,6 +170,9 @@ def test_tensorrt_vectors_match_cuda_ones(lite0_fp16, pixels, tmp_path):
     except ProviderUnavailableError:
         pytest.skip("TensorRT libraries not installed ([tensorrt] extra)")
     cuda = _features(lite0_fp16, pixels, "cuda")
-    trt = _features(lite0_fp16, pixels, "tensorrt", trt_cache=str(tmp_path / "engines"))
+    try:
+        trt = _features(lite0_fp16, pixels, "tensorrt", trt_cache=str(tmp_path / "engines"))
+    except ProviderUnavailableError as exc:  # libraries present, but not ones this onnxruntime can use
+        pytest.skip(str(exc))
     assert _cosine(cuda, trt).min() >= 0.999
     assert any((tmp_path / "engines").iterdir())  # the engine was cached for the next run
