@@ -42,6 +42,7 @@ class OverlappedInference:
         self._done: queue.Queue = queue.Queue()
         self._pending = 0
         self._error: BaseException | None = None
+        self._failed = False
         self.overlapped = session.on_gpu and _torch_cuda() is not None
         if self.overlapped:
             self._start_gpu()
@@ -109,7 +110,7 @@ class OverlappedInference:
                 return
             slot, n, tag, event = job
             try:
-                if self._error is None:
+                if not self._failed:  # after a failure the rest is only drained: the caller is stopping
                     event.synchronize()
                     t0 = time.perf_counter()
                     if self._graph_input is not None:
@@ -120,10 +121,10 @@ class OverlappedInference:
                     self.infer_seconds += time.perf_counter() - t0
                     self._done.put((tag, features))
             except BaseException as exc:  # surfaced to the caller at its next submit()/ready()/drain()
-                self._error = exc
+                self._error, self._failed = exc, True
             finally:
                 self._free.put(slot)
-                if self._error is not None:
+                if self._failed:
                     self._done.put(None)
 
     # --------------------------------------------------------------------------------------- public API
