@@ -34,7 +34,10 @@ DEFAULT_DEPTH = 2
 class OverlappedInference:
     """Runs uint8 NHWC batches through a :class:`~stage1_extract.session.FeatureSession`, in order."""
 
-    def __init__(self, session, *, depth: int = DEFAULT_DEPTH) -> None:
+    def __init__(self, session, *, depth: int = DEFAULT_DEPTH, threaded: bool | None = None) -> None:
+        """``threaded``: run batches on the inference thread (default: on a GPU session when torch sees CUDA).
+        Forced on for a CPU session, the thread runs from host slots: the same queues, order and failure
+        handling without a GPU (how the tests check them)."""
         self.session = session
         self.depth = max(1, depth)
         self.infer_seconds = 0.0  # time inside ONNX Runtime (on the inference thread when overlapped)
@@ -43,9 +46,14 @@ class OverlappedInference:
         self._pending = 0
         self._error: BaseException | None = None
         self._failed = False
-        self.overlapped = session.on_gpu and _torch_cuda() is not None
-        if self.overlapped:
+        on_device = session.on_gpu and _torch_cuda() is not None
+        self.overlapped = on_device if threaded is None else threaded
+        if self.overlapped and on_device:
             self._start_gpu()
+        elif self.overlapped:
+            shape = (session.batch_size, session.input_size, session.input_size, 3)
+            self._slots = [np.zeros(shape, np.uint8) for _ in range(self.depth + 1)]
+            self._start_thread()
 
     # ------------------------------------------------------------------------------------------ GPU side
 
@@ -76,6 +84,9 @@ class OverlappedInference:
             self._graph_input = None
             self._bindings = [s.bind_device(slot.data_ptr(), out.data_ptr())
                               for slot, out in zip(self._slots, self._outputs)]
+        self._start_thread()
+
+    def _start_thread(self) -> None:
         self._free: queue.Queue = queue.Queue()
         for i in range(len(self._slots)):
             self._free.put(i)
@@ -84,7 +95,11 @@ class OverlappedInference:
         self._thread.start()
 
     def _stage(self, slot: int, pixels, n: int):
-        """Start copying the first ``n`` images of ``pixels`` into device slot ``slot``; returns its event."""
+        """Start copying the first ``n`` images of ``pixels`` into device slot ``slot``; returns its event
+        (None for host slots, whose copy is done on return)."""
+        if isinstance(self._slots[slot], np.ndarray):
+            self._slots[slot][:n] = pixels[:n] if isinstance(pixels, np.ndarray) else pixels[:n].cpu().numpy()
+            return None
         torch = self._torch
         dst = self._slots[slot][:n]
         if isinstance(pixels, np.ndarray):
@@ -111,13 +126,10 @@ class OverlappedInference:
             slot, n, tag, event = job
             try:
                 if not self._failed:  # after a failure the rest is only drained: the caller is stopping
-                    event.synchronize()
+                    if event is not None:
+                        event.synchronize()
                     t0 = time.perf_counter()
-                    if self._graph_input is not None:
-                        self._graph_input[:n].copy_(self._slots[slot][:n])
-                        self._torch.cuda.current_stream(self._device).synchronize()
-                    self.session.run_binding(self._bindings[slot])
-                    features = self._outputs[slot][:n].float().cpu().numpy()
+                    features = self._run_slot(slot, n)
                     self.infer_seconds += time.perf_counter() - t0
                     self._done.put((tag, features))
             except BaseException as exc:  # surfaced to the caller at its next submit()/ready()/drain()
@@ -126,6 +138,15 @@ class OverlappedInference:
                 self._free.put(slot)
                 if self._failed:
                     self._done.put(None)
+
+    def _run_slot(self, slot: int, n: int) -> np.ndarray:
+        if isinstance(self._slots[slot], np.ndarray):
+            return self.session.run(self._slots[slot], n)
+        if self._graph_input is not None:
+            self._graph_input[:n].copy_(self._slots[slot][:n])
+            self._torch.cuda.current_stream(self._device).synchronize()
+        self.session.run_binding(self._bindings[slot])
+        return self._outputs[slot][:n].float().cpu().numpy()
 
     # --------------------------------------------------------------------------------------- public API
 

@@ -141,6 +141,49 @@ def test_overlapped_inference_returns_every_batch_in_order(tmp_path):
     assert infer.infer_seconds > 0
 
 
+def test_the_inference_thread_keeps_order_and_recycles_slots(tmp_path):
+    """The GPU side's thread, queues and slot recycling, run from host slots on the CPU provider."""
+    session = _tiny_session(tmp_path, batch_size=4)
+    rng = np.random.default_rng(1)
+    batches = [rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8) for _ in range(9)]  # 3× the slots
+    sizes = [4, 3, 4, 4, 1, 4, 2, 4, 4]
+    want = [session.run(b, n) for b, n in zip(batches, sizes)]
+    got = []
+    with OverlappedInference(session, depth=2, threaded=True) as infer:
+        assert infer.overlapped
+        for k, (b, n) in enumerate(zip(batches, sizes)):
+            infer.submit(b, n, k)
+            b[...] = 255  # staged: overwriting the caller's buffer changes nothing
+            got += list(infer.ready())
+        got += list(infer.drain())
+    assert [tag for tag, _ in got] == list(range(9))
+    for (_, feats), ref, n in zip(got, want, sizes):
+        assert feats.shape == (n, 8)
+        np.testing.assert_allclose(feats, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_a_failure_on_the_inference_thread_reaches_the_caller(tmp_path):
+    session = _tiny_session(tmp_path, batch_size=4)
+    calls = []
+    real_run = session.run
+
+    def failing_run(batch, n=None):  # the third batch fails, as a GPU out of memory would
+        calls.append(n)
+        if len(calls) == 3:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return real_run(batch, n)
+
+    session.run = failing_run
+    x = np.zeros((4, 32, 32, 3), np.uint8)
+    with pytest.raises(RuntimeError, match="simulated"):
+        with OverlappedInference(session, depth=1, threaded=True) as infer:
+            for k in range(20):
+                infer.submit(x, 4, k)
+                list(infer.ready())
+            list(infer.drain())
+    assert len(calls) == 3  # nothing ran after the failure
+
+
 # ------------------------------------------------------------------------------ nvImageCodec decoder
 
 nvimgcodec = pytest.importorskip("stage1_extract.nvjpeg_decode")
