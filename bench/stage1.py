@@ -54,6 +54,12 @@ TARGETS = {"cpu": {"project/combined": 0.85, "project/naive": 1.5},
            "gpu": {"project/combined": 0.90}}
 #: with a GPU decoder: its ceiling against 16 PIL processes (small set only), and the project against it
 GPU_DECODE_TARGETS = {"gpu_decode/decode": (1.5, ("small",)), "project_gpu/combined_gpu": (0.90, None)}
+#: --sweep-cuda-options: the model ceiling under each CUDA provider setting, to keep only what pays
+CUDA_SWEEP = {"ORT defaults (NCHW)": {"prefer_nhwc": False},
+              "project default (NHWC)": {},
+              "NHWC, heuristic search": {"conv_algo_search": "HEURISTIC"},
+              "NHWC, no max workspace": {"max_workspace": False},
+              "NHWC, CUDA graph": {"cuda_graph": True}}
 #: the project's session alone, ResNet-50 fp16 batch 256 (issue 17), by GPU model
 MODEL_TARGETS = {"H200": 11000.0, "H100": 9500.0}
 
@@ -188,9 +194,11 @@ def part_model(cfg: dict) -> dict:
         batch = np.concatenate([batch] * (bs // len(batch) + 1))[:bs]
     from stage1_extract.inference import OverlappedInference
 
+    from stage1_extract.session import CudaOptions
+
     session = FeatureSession(cfg["onnx_path"], provider=cfg["provider"], batch_size=bs,
                              input_size=prep.input_size, threads=cfg.get("model_threads"),
-                             precision=cfg["precision"])
+                             precision=cfg["precision"], cuda=CudaOptions(**cfg.get("cuda_options", {})))
     # as the project runs it: host batches staged and copied while the previous one runs (CPU: synchronous)
     with OverlappedInference(session) as infer:
         for _ in range(3):
@@ -429,6 +437,8 @@ def table(results: dict, on_gpu: bool) -> str:
                 f"  ratios: GPU decode/CPU decode {q['gpu_decode/decode']:.2f}× · "
                 f"project (GPU decode)/combined {q['project_gpu/combined_gpu']:.2f}",
             ]
+        for label, ips in r.get("cuda_options", {}).items():
+            lines.append(f"  {'  model, ' + label:34s} {ips:9.1f}")
         lines += [
             f"  project peak memory: {r['project']['memory']['peak_pss_mib']:.0f} MiB PSS over "
             f"{r['project']['memory']['peak_processes']} processes "
@@ -497,6 +507,8 @@ def main(argv=None) -> int:
                    help="gpu: also the GPU decode ceiling and the project with --decode gpu, in the same run "
                    "(nvimgcodec-cpu: the same code on the CPU, to check the harness)")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
+    p.add_argument("--sweep-cuda-options", action="store_true",
+                   help="--provider cuda: also the model ceiling under each CUDA provider setting (first set)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: --limit 200 --seconds 2 --skip-naive, result under the system's temp folder")
     p.add_argument("--memory-check", action="store_true", help="also run the project on 1× and 4× the first set")
@@ -578,6 +590,11 @@ def main(argv=None) -> int:
                 r["rounds"] = [{k: one[k]["images_per_second"] for k in measures}
                                | {"project/combined": one["ratios"]["project/combined"]} for one in rounds]
             r["ratios"] = ratios(r, on_gpu)
+            if args.sweep_cuda_options and args.provider == "cuda" and not results:
+                r["cuda_options"] = {}
+                for label, options in CUDA_SWEEP.items():
+                    print(f"[{set_name}] model ceiling, CUDA options {label} ...", file=sys.stderr)
+                    r["cuda_options"][label] = run_part("model", {**scfg, "cuda_options": options})["images_per_second"]
             results[set_name] = r
         memory = None
         if args.memory_check:

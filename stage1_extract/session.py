@@ -35,15 +35,16 @@ class ProviderUnavailableError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class CudaOptions:
     """Tuning of ONNX Runtime's CUDA provider. Defaults from ResNet-50 fp16, batch 256, IO binding on an H200
-    (``shared/reference/h200-ort-options.json``): ORT's defaults 9,353 img/s; NHWC + exhaustive 11,906.
+    (``shared/reference/h200-ort-options.json``): ORT's own defaults 9,353 img/s, with NHWC 11,906.
 
-    ``prefer_nhwc``: run convolutions in NHWC, the layout of tensor-core kernels (with exhaustive search:
-    +27% over the defaults). ``conv_algo_search``: ``EXHAUSTIVE`` times every cuDNN algorithm once per shape
-    (shapes are fixed here, so once per run, a few seconds); ``HEURISTIC``/``DEFAULT`` start faster.
+    ``prefer_nhwc``: run convolutions in NHWC, the layout of tensor-core kernels (+27%; ORT's default is
+    NCHW). ``conv_algo_search``: ``EXHAUSTIVE`` (ORT's default too) times every cuDNN algorithm once per
+    shape — shapes are fixed here, so once per run, a few seconds; ``HEURISTIC``/``DEFAULT`` start faster.
     ``cuda_graph``: capture the whole run as one CUDA graph and replay it (12,122 img/s, +1.8%: within the
     spread of repeated runs, so off by default; it needs every node on the GPU, fixed shapes and one fixed
     input address, which costs a device-to-device copy per batch). ``max_workspace``: let cuDNN use as much
-    scratch memory as its fastest algorithms want.
+    scratch memory as its fastest algorithms want (ORT's default since 1.14). ``bench/stage1.py
+    --sweep-cuda-options`` measures each on the GPU at hand.
     """
 
     prefer_nhwc: bool = True
