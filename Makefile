@@ -10,7 +10,8 @@ export KERAS_BACKEND := torch
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test,lite,ray,dicom]"
+	$(PY) -m pip install -q -e ".[test,lite,ray,dicom,gpu-decode]"
+	@# gpu-decode: nvImageCodec runs on its CPU back end without a GPU, so the tests check the GPU decoder's code.
 	@# animal-mnist's declared dependencies pull in TensorFlow; it needs none of them here.
 	$(PY) -m pip install -q --no-deps animal-mnist
 	@touch $(STAMP)

@@ -10,6 +10,10 @@ On the same images, backbone, provider, precision and batch size, measures image
 4. project         — ``stage1-extract`` end to end, images on disk → Parquet shards, in a fresh process,
                      with the peak memory of its whole process tree (decode workers included).
 
+With ``--decode gpu`` two more, in the same run: the GPU decode ceiling (the project's GPU decoder alone —
+read, hardware JPEG decode, resize and crop on the device — batches left on the GPU) and the project with
+``--decode gpu``; the GPU's model is recorded. ``--decode nvimgcodec-cpu`` runs the same code on the CPU.
+
 Every part runs in its own fresh Python process, one after the other, so none inherits another's threads,
 caches or memory. Ceilings and baseline are timed in steady state (after a warm-up, for ``--seconds``);
 the project's figure is its own end-to-end loop time (decode-pool start, every batch, the final shard
@@ -20,6 +24,8 @@ not the disk.
     python bench/stage1.py                       # CPU, default backbone, both sets
     python bench/stage1.py --memory-check        # + peak memory at 1× and 4× the images
     python bench/stage1.py --provider cuda --backbone resnet50 --precision fp16 --batch-size 256
+    python bench/stage1.py --provider cuda --backbone resnet50 --precision fp16 --decode gpu
+    python bench/stage1.py --quick               # a smoke run: 200 images a set, 2 s a measure, no baseline
 
 Combined ceiling: on the CPU provider decode and model share the same cores, so the best any pipeline can
 do is 1/(1/decode + 1/model); on a GPU they run on different hardware, so it is min(decode, model).
@@ -46,6 +52,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TARGETS = {"cpu": {"project/combined": 0.85, "project/naive": 1.5},
            "gpu": {"project/combined": 0.90}}
+#: with a GPU decoder: its ceiling against 16 PIL processes (small set only), and the project against it
+GPU_DECODE_TARGETS = {"gpu_decode/decode": (1.5, ("small",)), "project_gpu/combined_gpu": (0.90, None)}
+#: --sweep-cuda-options: the model ceiling under each CUDA provider setting, to keep only what pays
+CUDA_SWEEP = {"ORT defaults (NCHW)": {"prefer_nhwc": False},
+              "project default (NHWC)": {},
+              "NHWC, heuristic search": {"conv_algo_search": "HEURISTIC"},
+              "NHWC, no max workspace": {"max_workspace": False},
+              "NHWC, CUDA graph": {"cuda_graph": True}}
+#: the project's session alone, ResNet-50 fp16 batch 256 (issue 17), by GPU model
+MODEL_TARGETS = {"H200": 11000.0, "H100": 9500.0}
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -176,20 +192,59 @@ def part_model(cfg: dict) -> dict:
     batch = np.stack([decode_image(open(p, "rb").read(), prep, draft=cfg["draft"]) for p in files])
     if len(batch) < bs:  # fewer images than a batch: repeat them
         batch = np.concatenate([batch] * (bs // len(batch) + 1))[:bs]
+    from stage1_extract.inference import OverlappedInference
+
+    from stage1_extract.session import CudaOptions
+
     session = FeatureSession(cfg["onnx_path"], provider=cfg["provider"], batch_size=bs,
-                             input_size=prep.input_size, threads=cfg.get("model_threads"))
-    for _ in range(3):
-        session.run(batch, bs)
-    n, t0 = 0, time.perf_counter()
-    while True:
-        feats = session.run(batch, bs)
-        n += bs
+                             input_size=prep.input_size, threads=cfg.get("model_threads"),
+                             precision=cfg["precision"], cuda=CudaOptions(**cfg.get("cuda_options", {})))
+    # as the project runs it: host batches staged and copied while the previous one runs (CPU: synchronous)
+    with OverlappedInference(session) as infer:
+        for _ in range(3):
+            infer.submit(batch, bs, None)
+        list(infer.drain())
+        n, t0 = 0, time.perf_counter()
+        while True:
+            infer.submit(batch, bs, None)
+            for _, feats in infer.ready():
+                n += bs
+            elapsed = time.perf_counter() - t0
+            if elapsed >= cfg["seconds"]:
+                break
+        for _, feats in infer.drain():
+            n += bs
         elapsed = time.perf_counter() - t0
-        if elapsed >= cfg["seconds"]:
-            break
     assert feats.shape == (bs, cfg["feature_dim"]), feats.shape
     return {"images_per_second": n / elapsed, "images": n, "seconds": elapsed, "provider": session.provider,
-            "threads": cfg.get("model_threads") or cpu_count()}
+            "threads": cfg.get("model_threads") or cpu_count(), "overlapped": infer.overlapped}
+
+
+def part_gpu_decode(cfg: dict) -> dict:
+    """GPU decode ceiling: the project's GPU decoder alone over the set (batches stay on the device)."""
+    import torch
+
+    from stage1_extract.extract import _decoder
+    from stage1_extract.preprocessing import Preprocessing
+
+    prep = Preprocessing.from_dict(cfg["prep"])
+    files = [p for p, _ in cfg["files"]]
+    bs = cfg["batch_size"]
+    on_gpu = cfg["decode"] == "gpu"
+    with _decoder(cfg["decode"], prep, bs, cfg["workers"], cfg["draft"]) as dec:
+        for _ in dec.run(files[: bs * 2]):  # warm-up: decoder start, kernels, allocator
+            pass
+        n, t0 = 0, time.perf_counter()
+        while True:
+            for batch in dec.run(files):
+                n += sum(it.row >= 0 for it in batch.items)
+            if on_gpu:
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - t0
+            if elapsed >= cfg["seconds"]:
+                break
+    return {"images_per_second": n / elapsed, "images": n, "seconds": elapsed, "decoder": type(dec).__name__,
+            "io_threads": cfg["workers"], "gpu": torch.cuda.get_device_name() if on_gpu else None}
 
 
 def part_naive(cfg: dict) -> dict:
@@ -244,16 +299,18 @@ def part_naive(cfg: dict) -> dict:
 def part_prepare(cfg: dict) -> dict:
     """Export (or find in the cache) the ONNX model, and resolve the project's defaults for this provider."""
     from stage1_extract.extract import _versions, default_workers, prepare_model
+    from stage1_extract.lifecycle import default_batch_size
     from stage1_extract.session import wants_gpu
 
     model = prepare_model(cfg["backbone"], weights=cfg.get("weights"), precision=cfg["precision"])
     on_gpu = wants_gpu(cfg["provider"])
     return {"onnx_path": model.onnx_path, "prep": model.preprocessing.to_dict(), "feature_dim": model.feature_dim,
             "on_gpu": on_gpu, "default_workers": default_workers(on_gpu),
-            "default_batch_size": 256 if on_gpu else 16, "versions": _versions()}  # batch: as extract.py
+            "default_batch_size": default_batch_size(on_gpu), "versions": _versions()}
 
 
-PARTS = {"decode": part_decode, "model": part_model, "naive": part_naive, "prepare": part_prepare}
+PARTS = {"decode": part_decode, "model": part_model, "naive": part_naive, "prepare": part_prepare,
+         "gpu_decode": part_gpu_decode}
 
 
 def run_part(name: str, cfg: dict) -> dict:
@@ -277,13 +334,14 @@ def run_part(name: str, cfg: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------ project
 
-def run_project(set_dir: Path, cfg: dict, out_dir: Path) -> dict:
+def run_project(set_dir: Path, cfg: dict, out_dir: Path, decode: str = "cpu") -> dict:
     """``stage1-extract`` end to end in a fresh process, with the peak memory of its process tree."""
     from memory import run_measured
 
     cmd = [sys.executable, "-m", "stage1_extract", "--images", str(set_dir), "--out", str(out_dir),
            "--backbone", cfg["backbone"], "--provider", cfg["provider"], "--precision", cfg["precision"],
-           "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--json", "--no-progress"]
+           "--batch-size", str(cfg["batch_size"]), "--workers", str(cfg["workers"]), "--json", "--no-progress",
+           "--decode", decode]
     if cfg.get("threads"):
         cmd += ["--threads", str(cfg["threads"])]
     if cfg["draft"]:
@@ -341,9 +399,16 @@ def ratios(r: dict, on_gpu: bool) -> dict:
     dec, mod = r["decode"]["images_per_second"], r["model"]["images_per_second"]
     combined = min(dec, mod) if on_gpu else 1 / (1 / dec + 1 / mod)
     proj = r["project"]["images_per_second"]
-    return {"combined_ceiling": combined, "combined_rule": "min(decode, model)" if on_gpu else "1/(1/decode+1/model)",
-            "project/model": proj / mod, "project/naive": proj / r["naive"]["images_per_second"],
-            "project/combined": proj / combined, "project/decode": proj / dec}
+    out = {"combined_ceiling": combined, "combined_rule": "min(decode, model)" if on_gpu else "1/(1/decode+1/model)",
+           "project/model": proj / mod, "project/naive": proj / r["naive"]["images_per_second"],
+           "project/combined": proj / combined, "project/decode": proj / dec}
+    if "gpu_decode" in r:
+        gdec = r["gpu_decode"]["images_per_second"]
+        # the GPU decoder shares the GPU with the model, but neither is bound by the other's resources
+        combined_gpu = min(gdec, mod) if on_gpu else 1 / (1 / gdec + 1 / mod)
+        out |= {"combined_gpu_ceiling": combined_gpu, "gpu_decode/decode": gdec / dec,
+                "project_gpu/combined_gpu": r["project_gpu"]["images_per_second"] / combined_gpu}
+    return out
 
 
 def table(results: dict, on_gpu: bool) -> str:
@@ -362,6 +427,19 @@ def table(results: dict, on_gpu: bool) -> str:
             f"   (incl. process start {r['project']['images_per_second_incl_startup']:.1f})",
             f"  ratios: project/model {q['project/model']:.2f} · project/naive {q['project/naive']:.2f}× · "
             f"project/combined {q['project/combined']:.2f}",
+        ]
+        if "gpu_decode" in r:
+            lines += [
+                f"  {'5 GPU decode ceiling':34s} {r['gpu_decode']['images_per_second']:9.1f}"
+                f"   ({r['gpu_decode']['decoder']}{', ' + r['gpu_decode']['gpu'] if r['gpu_decode']['gpu'] else ''})",
+                f"  {'  combined GPU-decode ceiling':34s} {q['combined_gpu_ceiling']:9.1f}",
+                f"  {'6 project, GPU decoding':34s} {r['project_gpu']['images_per_second']:9.1f}",
+                f"  ratios: GPU decode/CPU decode {q['gpu_decode/decode']:.2f}× · "
+                f"project (GPU decode)/combined {q['project_gpu/combined_gpu']:.2f}",
+            ]
+        for label, ips in r.get("cuda_options", {}).items():
+            lines.append(f"  {'  model, ' + label:34s} {ips:9.1f}")
+        lines += [
             f"  project peak memory: {r['project']['memory']['peak_pss_mib']:.0f} MiB PSS over "
             f"{r['project']['memory']['peak_processes']} processes "
             f"(largest process {r['project']['memory']['max_process_rss_mib']:.0f} MiB RSS)",
@@ -369,13 +447,41 @@ def table(results: dict, on_gpu: bool) -> str:
     return "\n".join(lines)
 
 
-def check_targets(results: dict, on_gpu: bool) -> dict:
+def check_targets(results: dict, on_gpu: bool, model_target: float | None = None) -> dict:
     targets = TARGETS["gpu" if on_gpu else "cpu"]
     out = {}
     for set_name, r in results.items():
         out[set_name] = {k: {"target": v, "measured": round(r["ratios"][k], 3), "met": r["ratios"][k] >= v}
                          for k, v in targets.items()}
+        if "gpu_decode" in r:
+            for k, (v, sets) in GPU_DECODE_TARGETS.items():
+                if sets is None or set_name in sets:
+                    out[set_name][k] = {"target": v, "measured": round(r["ratios"][k], 3), "met": r["ratios"][k] >= v}
+        if model_target:
+            ips = r["model"]["images_per_second"]
+            out[set_name]["model img/s"] = {"target": model_target, "measured": round(ips, 1), "met": ips >= model_target}
     return out
+
+
+def gpu_model_target(info: dict, args) -> float | None:
+    """Issue 17's model-ceiling target when this run is the one it names (ResNet-50 fp16, batch 256, H100/H200)."""
+    if not (args.provider in ("cuda", "tensorrt") and args.backbone == "resnet50" and args.precision == "fp16"):
+        return None
+    names = " ".join(info.get("gpu", []))
+    return next((v for k, v in MODEL_TARGETS.items() if k in names), None)
+
+
+def subset_tree(set_dir: Path, files: list, tmp: Path) -> Path:
+    """The first images of a set as a tree of hard links (``--limit``), so the project sees only them."""
+    tree = tmp / f"subset-{set_dir.name}"
+    for path, cls in files:
+        (tree / cls).mkdir(parents=True, exist_ok=True)
+        dst = tree / cls / Path(path).name
+        try:
+            os.link(path, dst)
+        except OSError:
+            shutil.copyfile(path, dst)
+    return tree
 
 
 def main(argv=None) -> int:
@@ -397,6 +503,14 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=1,
                    help="repeat every measure N times, interleaved, and keep each one's best (noisy shared machines)")
     p.add_argument("--skip-naive", action="store_true", help="skip the (slow) torch baseline")
+    p.add_argument("--decode", choices=["cpu", "gpu", "nvimgcodec-cpu"], default="cpu",
+                   help="gpu: also the GPU decode ceiling and the project with --decode gpu, in the same run "
+                   "(nvimgcodec-cpu: the same code on the CPU, to check the harness)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of each set")
+    p.add_argument("--sweep-cuda-options", action="store_true",
+                   help="--provider cuda: also the model ceiling under each CUDA provider setting (first set)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: --limit 200 --seconds 2 --skip-naive, result under the system's temp folder")
     p.add_argument("--memory-check", action="store_true", help="also run the project on 1× and 4× the first set")
     p.add_argument("--out-json", default=None, help="default bench/results/stage1-<provider>-<backbone>[-draft].json")
     p.add_argument("--part", choices=sorted(PARTS), help=argparse.SUPPRESS)
@@ -408,6 +522,8 @@ def main(argv=None) -> int:
         print(json.dumps(PARTS[args.part](cfg)))
         return 0
 
+    if args.quick:
+        args.limit, args.seconds, args.skip_naive = args.limit or 200, min(args.seconds, 2.0), True
     images = Path(args.images)
     if not images.is_dir():
         p.error(f"--images {images}: not a folder (make one with: python bench/make_images.py)")
@@ -435,6 +551,10 @@ def main(argv=None) -> int:
         tmp = Path(tmp)
         for set_name, set_dir in sets:
             files = list_class_tree(set_dir)
+            if args.limit and len(files) > args.limit:
+                files = files[:: -(-len(files) // args.limit)][: args.limit]  # spread over the classes
+                set_dir = subset_tree(set_dir, files, tmp)
+                files = list_class_tree(set_dir)
             nbytes = warm_page_cache([f for f, _ in files])
             scfg = {**cfg, "files": files, "set_dir": str(set_dir)}
             r = {"images": len(files), "mean_file_kib": nbytes / len(files) / 1024, "dir": str(set_dir)}
@@ -454,14 +574,27 @@ def main(argv=None) -> int:
                 print(f"{tag} project ...", file=sys.stderr)
                 one["project"] = run_project(set_dir, cfg, tmp / f"out-{set_name}")
                 shutil.rmtree(tmp / f"out-{set_name}", ignore_errors=True)
+                if args.decode != "cpu":
+                    print(f"{tag} GPU decode ceiling ({args.decode}) ...", file=sys.stderr)
+                    one["gpu_decode"] = run_part("gpu_decode", {**scfg, "decode": args.decode})
+                    print(f"{tag} project --decode {args.decode} ...", file=sys.stderr)
+                    one["project_gpu"] = run_project(set_dir, cfg, tmp / f"out-{set_name}", decode=args.decode)
+                    shutil.rmtree(tmp / f"out-{set_name}", ignore_errors=True)
                 one["ratios"] = ratios(one, on_gpu)
                 rounds.append(one)
-            for key in ("decode", "model", "naive", "project"):  # best of the rounds: interference only slows
+            measures = ("decode", "model", "naive", "project") + (("gpu_decode", "project_gpu")
+                                                                   if args.decode != "cpu" else ())
+            for key in measures:  # best of the rounds: interference only slows
                 r[key] = max(rounds, key=lambda one: one[key]["images_per_second"])[key]
             if args.rounds > 1:
-                r["rounds"] = [{k: one[k]["images_per_second"] for k in ("decode", "model", "naive", "project")}
+                r["rounds"] = [{k: one[k]["images_per_second"] for k in measures}
                                | {"project/combined": one["ratios"]["project/combined"]} for one in rounds]
             r["ratios"] = ratios(r, on_gpu)
+            if args.sweep_cuda_options and args.provider == "cuda" and not results:
+                r["cuda_options"] = {}
+                for label, options in CUDA_SWEEP.items():
+                    print(f"[{set_name}] model ceiling, CUDA options {label} ...", file=sys.stderr)
+                    r["cuda_options"][label] = run_part("model", {**scfg, "cuda_options": options})["images_per_second"]
             results[set_name] = r
         memory = None
         if args.memory_check:
@@ -470,7 +603,8 @@ def main(argv=None) -> int:
             memory = {"set": set_name, **memory_check(set_dir, cfg, tmp)}
 
     text = table(results, on_gpu)
-    targets = check_targets(results, on_gpu)
+    info = machine()
+    targets = check_targets(results, on_gpu, gpu_model_target(info, args))
     print(text)
     for set_name, t in targets.items():
         print(f"targets [{set_name}]: " + "; ".join(
@@ -494,8 +628,10 @@ def main(argv=None) -> int:
         "benchmark": "stage1",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, "bench/stage1.py", *(argv if argv is not None else sys.argv[1:])]),
-        "machine": machine(),
+        "machine": info,
+        "gpu_model": (info.get("gpu") or [None])[0],
         "backbone": args.backbone, "provider": args.provider, "precision": args.precision, "batch_size": bs,
+        "decode": args.decode, "limit": args.limit,
         "decode_workers": workers, "ort_threads": args.threads or "project default (all cores)",
         "draft": args.draft, "seconds_per_measure": args.seconds,
         "versions": prepared["versions"],
@@ -507,8 +643,11 @@ def main(argv=None) -> int:
         "total_seconds": round(time.perf_counter() - t_start, 1),
         "table": text.splitlines(),
     }
-    out_json = Path(args.out_json or REPO / "bench" / "results" /
-                    f"stage1-{args.provider}-{args.backbone}{'-draft' if args.draft else ''}.json")
+    name = f"stage1-{args.provider}-{args.backbone}{'-draft' if args.draft else ''}" \
+           f"{'' if args.decode == 'cpu' else '-decode-' + args.decode}.json"
+    # a quick run is a smoke test: it never replaces a committed result
+    results_dir = Path(tempfile.gettempdir()) / "bench-stage1-quick" if args.quick else REPO / "bench" / "results"
+    out_json = Path(args.out_json or results_dir / name)
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(doc, indent=1) + "\n")
     print(f"wrote {out_json}", file=sys.stderr)

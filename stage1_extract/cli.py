@@ -64,9 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--shard-size", type=int, default=2048, help="rows per Parquet shard (default 2048)")
     p.add_argument("--draft", action="store_true", help="fast JPEG draft decoding for images ≥2× the needed size")
-    p.add_argument("--decode", choices=["cpu", "gpu", "torch-cpu"], default="cpu",
-                   help="cpu: PIL in worker processes (default); gpu: nvJPEG + resize on the GPU (JPEGs; "
-                   "others fall back to PIL); torch-cpu: the gpu decoder's code on the CPU, for checking")
+    p.add_argument("--decode", choices=["cpu", "gpu", "torch-cpu", "nvimgcodec-cpu"], default="cpu",
+                   help="cpu: PIL in worker processes (default); gpu: the GPU's hardware JPEG decoder "
+                   "(nvImageCodec, pip install 'hybrid-transfer[gpu-decode]'; else torchvision's nvJPEG) + resize "
+                   "on the GPU (other files fall back to PIL); torch-cpu, nvimgcodec-cpu: a gpu decoder's code on "
+                   "the CPU, for checking")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="--provider cuda: replay inference as one CUDA graph (+1.8%% on an H200, off by default)")
     p.add_argument("--strict", action="store_true", help="stop with a non-zero exit at the first bad image")
     p.add_argument("--engine", choices=["local", "ray"], default="local",
                    help="local: processes on this machine (default); ray: Ray Data tasks and actors on a Ray "
@@ -102,6 +106,10 @@ def main(argv: list[str] | None = None) -> int:
         options["ray_address"] = args.ray_address
     elif args.ray_address:
         build_parser().error("--ray-address needs --engine ray")
+    if args.cuda_graph:
+        from stage1_extract.session import CudaOptions
+
+        options["cuda"] = CudaOptions(cuda_graph=True)
     try:
         summary = extract(
             args.images, args.out, **options, backbone=args.backbone, weights=args.weights, onnx=args.onnx,

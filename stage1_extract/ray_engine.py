@@ -10,7 +10,10 @@ the images, takes the output lock (local ``out`` only), plans the incremental ru
 the errors, compacts stale rows and writes ``_run.json``. Only small per-image rows (path, reason, shard,
 timings) come back to it; pixels and features stay in Ray's object store.
 
-Exactly-once: a shard is named ``part-<run stamp>-<hash of its paths>.parquet``, so a retried write task
+The run's start and end are :mod:`stage1_extract.lifecycle`'s, as for the local engine.
+
+Exactly-once: a shard is named ``part-<run stamp>-<hash of its paths>.parquet``
+(:func:`~stage1_extract.lifecycle.shard_name`), so a retried write task
 rewrites the same file instead of adding a second copy, and the names sort after every earlier run's
 shards (the stamp is :func:`stage1_extract.writer.run_stamp`). After the run the driver checks that the
 shards it was told about are the ones in ``out``: leftovers of failed attempts are deleted and a path
@@ -21,7 +24,6 @@ Ray is an optional extra (``pip install hybrid-transfer[ray]``); it is imported 
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -44,7 +46,7 @@ _ID_FIELDS = [("path", pa.string()), ("label", pa.string()), ("content_id", pa.s
               ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("reason", pa.string())]
 RESULT_SCHEMA = pa.schema([f for f in _ID_FIELDS if f[0] != "label"] + [
     ("shard", pa.string()), ("provider", pa.string()), ("fatal_kind", pa.string()), ("fatal", pa.string()),
-    ("decode_s", pa.float64()), ("infer_s", pa.float64()), ("write_s", pa.float64()),
+    ("decode_s", pa.float64()), ("wait_s", pa.float64()), ("infer_s", pa.float64()), ("write_s", pa.float64()),
 ])
 
 
@@ -139,7 +141,7 @@ class InferenceActor:
     """An actor of the pool: one onnxruntime session, fed uint8 batches; pixels in, features out."""
 
     def __init__(self, *, model_ref, sha256: str, provider: str, input_size: int, batch_size: int,
-                 threads: int | None) -> None:
+                 threads: int | None, precision: str = "fp32", cuda=None) -> None:
         import ray
 
         from stage1_extract.session import FeatureSession
@@ -148,11 +150,17 @@ class InferenceActor:
         onnx_bytes = ray.get(ref) if isinstance(ref, ray.ObjectRef) else ref
         self.input_size = input_size
         self.session = FeatureSession(_local_model_file(onnx_bytes, sha256), provider=provider,
-                                      input_size=input_size, batch_size=batch_size, threads=threads)
+                                      input_size=input_size, batch_size=batch_size, threads=threads,
+                                      precision=precision, cuda=cuda)
+        self._idle_since = time.perf_counter()
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        from stage1_extract.lifecycle import nonfinite_message
+
         n = batch.num_rows
         t0 = time.perf_counter()
+        # time this actor sat idle for want of decoded input: the Ray engine's "waiting for decode"
+        waited, self._idle_since = t0 - self._idle_since, None
         ok = np.flatnonzero(np.asarray(batch.column("reason").is_null().to_numpy(zero_copy_only=False)))
         pixels = _pixels_numpy(batch.column("pixels"), self.input_size)
         dim = self.session.output_dim
@@ -163,32 +171,27 @@ class InferenceActor:
         for start in range(0, len(ok), bs):
             rows = ok[start:start + bs]
             out = self.session.run(pixels[rows], len(rows))
-            if not np.isfinite(out).all():
-                bad = ~np.isfinite(out).all(axis=1)
-                first = batch.column("path")[int(rows[int(np.argmax(bad))])].as_py()
-                msg = (f"the model produced non-finite features for {int(bad.sum())} image(s), e.g. {first}")
+            msg = nonfinite_message(out, [batch.column("path")[int(r)].as_py() for r in rows])
+            if msg:
                 for r in rows:
                     fatal_kind[r], fatal[r] = "nonfinite", msg
                 continue
             feats[rows] = out
-        share = (time.perf_counter() - t0) / max(n, 1)
+        self._idle_since = time.perf_counter()
+        share = (self._idle_since - t0) / max(n, 1)
         flat = pa.array(feats.reshape(-1), pa.float32())
         return batch.drop_columns(["pixels"]).append_column("infer_s", pa.array(np.full(n, share))) \
+            .append_column("wait_s", pa.array(np.full(n, waited / max(n, 1)))) \
             .append_column("provider", pa.array([self.session.provider] * n, pa.string())) \
             .append_column("fatal_kind", pa.array(fatal_kind, pa.string())) \
             .append_column("fatal", pa.array(fatal, pa.string())) \
             .append_column("feature", pa.FixedSizeListArray.from_arrays(flat, dim))
 
 
-def shard_name(stamp: str, paths: list[str]) -> str:
-    """Same rows → same name, so a retried write replaces its own shard; the stamp sorts runs in order."""
-    digest = hashlib.blake2b("\0".join(paths).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-    return f"part-{stamp}-{digest}.parquet"
-
-
 def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.Table:
     """A task: write the usable rows of a batch as one shard; return one small row per image for the driver."""
     from shardformat import ShardMetadata, write_shard
+    from stage1_extract.lifecycle import shard_name
 
     n = batch.num_rows
     meta = ShardMetadata.from_json(meta_json)
@@ -202,7 +205,7 @@ def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.
         paths = rows.column("path").to_pylist()
         try:
             shard = write_shard(
-                out, shard_name(stamp, paths), meta,
+                out, shard_name(stamp, paths=paths), meta,
                 paths=paths, labels=rows.column("label").to_pylist(), groups=rows.column("group").to_pylist(),
                 content_ids=rows.column("content_id").to_pylist(),
                 file_sizes=rows.column("file_size").to_numpy(), mtimes_ns=rows.column("mtime_ns").to_numpy(),
@@ -226,6 +229,7 @@ def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.
         "fatal_kind": pa.array(fatal_kind, pa.string()),
         "fatal": pa.array(fatal, pa.string()),
         "decode_s": batch.column("decode_s"),
+        "wait_s": batch.column("wait_s"),
         "infer_s": batch.column("infer_s"),
         "write_s": pa.array(np.full(n, share)),
     }, schema=RESULT_SCHEMA)
@@ -252,6 +256,7 @@ def _alive_node_cpus(ray) -> list[float]:
 
 def plan_resources(ray, *, provider: str, actors: int | None, threads: int | None, batch_size: int | None):
     """How the inference pool is laid out on this cluster: (actors, num_gpus, num_cpus, threads, batch size, provider)."""
+    from stage1_extract.lifecycle import default_batch_size
     from stage1_extract.session import ProviderUnavailableError
 
     gpus = int(ray.cluster_resources().get("GPU", 0))
@@ -259,13 +264,13 @@ def plan_resources(ray, *, provider: str, actors: int | None, threads: int | Non
         raise ProviderUnavailableError(f"--provider {provider}: the Ray cluster has no GPUs (ray status)")
     if gpus and provider != "cpu":
         n = min(actors or gpus, gpus)
-        return n, 1, 1, threads or 2, batch_size or 256, provider
+        return n, 1, 1, threads or 2, batch_size or default_batch_size(True), provider
     # CPU only: one actor per node using three quarters of its cores, the rest decodes (model ≈ 8× decode).
     node_cpus = _alive_node_cpus(ray)
     per_actor = threads or max(1, int(min(node_cpus) * 3 // 4))
     per_actor = min(per_actor, max(1, int(min(node_cpus)) - 1)) if min(node_cpus) > 1 else 1
     n = actors or len(node_cpus)
-    return n, 0, per_actor, per_actor, batch_size or 32, "cpu"
+    return n, 0, per_actor, per_actor, batch_size or default_batch_size(False), "cpu"
 
 
 def _ray_error(exc: BaseException) -> BaseException:
@@ -296,7 +301,7 @@ def _decode_block_rows(n_images: int, total_cpus: float) -> int:
 def _reconcile(out: str, stamp: str, reported: dict[str, list[str]]) -> None:
     """After a finished run: the shards of this run in ``out`` must be exactly the reported ones, each path once."""
     from shardformat import list_shards, resolve
-    from stage1_extract.extract import plan_on
+    from stage1_extract.lifecycle import plan_on
     from stage1_extract.plan import Plan, compact
 
     present = [s for s in list_shards(out) if os.path.basename(s).startswith(f"part-{stamp}-")]
@@ -324,16 +329,6 @@ def _reconcile(out: str, stamp: str, reported: dict[str, list[str]]) -> None:
     if stale:
         compact(plan_on(out, Plan(todo=[], done=0, known_errors=[], stale_rows=stale,
                                   keep={s: keep[s] for s in stale})))
-
-
-def _record_errors(out: str, errors: list[dict]) -> None:
-    """The errors so far, after a failure; on a full or read-only disk keep the original error, not this one."""
-    from stage1_extract.writer import write_errors
-
-    try:
-        write_errors(out, errors)
-    except OSError as exc:
-        log.warning("could not update the errors table after the failure: %s", exc)
 
 
 def extract_ray(
@@ -364,6 +359,7 @@ def extract_ray(
     dicom_frames: str = "first",
     dicom_group: str = "patient",
     group_salt: str | None = None,
+    cuda=None,
 ):
     """:func:`stage1_extract.extract` on a Ray cluster; same options, same output, same summary.
 
@@ -373,37 +369,24 @@ def extract_ray(
     cluster one per node). ``workers``: most decode tasks at once (default: as many as free CPUs allow).
     ``threads``: ONNX Runtime threads per actor (on CPU-only clusters also the CPUs each actor reserves).
     Images must be readable at the same paths on every node; ``out`` is a URI (``s3://``, ``gs://``,
-    ``hdfs://``, ``file://``) or a folder every node shares.
+    ``hdfs://``, ``file://``) or a folder every node shares. ``cuda``: the actors' CUDA provider tuning
+    (:class:`~stage1_extract.session.CudaOptions`).
     """
-    from stage1_extract.extract import (
-        _finish_run,
-        _nullcontext,
-        _open_run,
-        prepare_model,
-        shard_metadata,
-    )
-    from stage1_extract.dicom_records import prepare_dicom_records
-    from stage1_extract.lock import OutputLock
-    from stage1_extract.sources import list_images
+    from stage1_extract.extract import prepare_model
+    from stage1_extract.lifecycle import list_inputs, open_run
     from stage1_extract.writer import ShardWriteError, run_stamp
 
     if decode != "cpu":
         raise ValueError(f"--engine ray decodes with PIL in CPU tasks; --decode {decode} is for the local engine")
     ray = import_ray()
     t_start = time.perf_counter()
-    out = os.fspath(out)
-    if "://" not in out:
-        out = os.path.abspath(out)
+    out, listing = list_inputs(images, out, group_regex=group_regex, dicom_frames=dicom_frames,
+                               dicom_group=dicom_group, group_salt=group_salt)
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
-    meta = shard_metadata(model)
-    listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
-                                    group_by=dicom_group, salt=group_salt)
-    with OutputLock(out) if "://" not in out else _nullcontext():
-        plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
-        new_errors: list[dict] = []
-        timings = {"wait_decode": 0.0, "infer": 0.0, "write": 0.0, "decode_worker": 0.0}
-        if plan.todo:
+    with open_run(listing, out, model, provider=provider, strict=strict, t_start=t_start) as run:
+        out, meta, summary, timings = run.out, run.meta, run.summary, run.timings
+        if run.todo:
             started = _connect(ray, ray_address)
             ctx = ray.data.DataContext.get_current()
             saved_bars = ctx.enable_progress_bars
@@ -412,7 +395,7 @@ def extract_ray(
                 n_actors, gpus, cpus, n_threads, bs, actor_provider = plan_resources(
                     ray, provider=provider, actors=actors, threads=threads, batch_size=batch_size)
                 size = model.preprocessing.input_size
-                todo = plan.todo
+                todo = run.todo
                 rows_per_block = _decode_block_rows(len(todo), ray.cluster_resources().get("CPU", 1))
                 blocks = [
                     pa.table({"path": [r.path for r in chunk], "abspath": [r.abspath for r in chunk],
@@ -437,7 +420,7 @@ def extract_ray(
                     InferenceActor, batch_format="pyarrow", batch_size=bs, zero_copy_batch=True,
                     fn_constructor_kwargs={"model_ref": [model_ref], "sha256": model.onnx_sha256,
                                            "provider": actor_provider, "input_size": size, "batch_size": bs,
-                                           "threads": n_threads},
+                                           "threads": n_threads, "precision": model.precision, "cuda": cuda},
                     compute=ray.data.ActorPoolStrategy(size=n_actors), num_gpus=gpus, num_cpus=cpus,
                 )
                 ds = ds.map_batches(
@@ -451,6 +434,7 @@ def extract_ray(
                     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
                         for row in batch.to_pylist():
                             timings["decode_worker"] += row["decode_s"] or 0.0
+                            timings["wait_decode"] += row["wait_s"] or 0.0
                             timings["infer"] += row["infer_s"] or 0.0
                             timings["write"] += row["write_s"] or 0.0
                             if row["provider"]:
@@ -458,31 +442,24 @@ def extract_ray(
                             if row["fatal"] and fatal is None:
                                 fatal = (row["fatal_kind"], row["fatal"])
                             if row["reason"] is not None:
-                                new_errors.append({k: row[k] for k in
-                                                   ("path", "reason", "content_id", "file_size", "mtime_ns")})
+                                run.add_error(*(row[k] for k in ("path", "reason", "content_id", "file_size",
+                                                                 "mtime_ns")))
                             elif row["shard"]:
                                 reported.setdefault(row["shard"], []).append(row["path"])
-                        if fatal or (strict and new_errors):
+                        if fatal or run.stop_for_strict:
                             break
-                except BaseException as exc:
-                    _record_errors(out, listing_errors + plan.known_errors + new_errors)
-                    if isinstance(exc, ray.exceptions.RayError):
-                        raise _ray_error(exc) from exc
-                    raise
+                except ray.exceptions.RayError as exc:
+                    raise _ray_error(exc) from exc
                 if fatal:
-                    _record_errors(out, listing_errors + plan.known_errors + new_errors)
                     kind, message = fatal
                     raise (ShardWriteError if kind == "write" else FloatingPointError)(message)
                 loop_seconds = time.perf_counter() - t_loop
-                if not (strict and new_errors):
+                if not run.stop_for_strict:
                     _reconcile(out, stamp, reported)
-                summary.extracted = len({p for paths in reported.values() for p in paths})
-                summary.shards_written = len(reported)
-                summary.seconds = loop_seconds
-                summary.images_per_second = len(todo) / loop_seconds if loop_seconds > 0 else 0.0
+                run.loop_done(seconds=loop_seconds, extracted=len({p for paths in reported.values() for p in paths}),
+                              shards=len(reported))
             finally:
                 ctx.enable_progress_bars = saved_bars
                 if started:
                     ray.shutdown()
-        _finish_run(out, meta, summary, plan, listing_errors, listing_known, new_errors, timings, strict, t_start)
     return summary

@@ -51,6 +51,33 @@ def _is_jpeg(data: bytes) -> bool:
     return data[:3] == b"\xff\xd8\xff"
 
 
+def resize_crop(img, prep: Preprocessing):
+    """(3, H, W) uint8 tensor → (S, S, 3) uint8 on the same device: shorter side to ``resize`` (rounded),
+    centre crop, antialiased — the PIL decoder's geometry (``decode._crop_box``)."""
+    import torch
+
+    return resize_crop_float(img, prep).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def resize_crop_float(img, prep: Preprocessing):
+    """:func:`resize_crop` before rounding: (S, S, 3) float32, so a batch can be rounded in one go."""
+    import torch
+
+    p = prep
+    _, h, w = img.shape
+    scale = p.resize / min(w, h)
+    new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
+    mode = "bicubic" if p.interpolation in ("bicubic", "lanczos") else (
+        "nearest" if p.interpolation == "nearest" else "bilinear")
+    x = img.unsqueeze(0).float()
+    x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=mode,
+                                        antialias=mode != "nearest",
+                                        align_corners=False if mode != "nearest" else None)
+    left = int(round((new_w - p.input_size) / 2))
+    top = int(round((new_h - p.input_size) / 2))
+    return x[0, :, top:top + p.input_size, left:left + p.input_size].permute(1, 2, 0)
+
+
 class TorchDecoder:
     """``for batch in TorchDecoder(prep, batch_size=…, device="cuda").run(paths)`` — like DecodePool."""
 
@@ -69,22 +96,7 @@ class TorchDecoder:
         self.pixels_on_device = self.device.type == "cuda"
 
     def _resize_crop(self, img):
-        """(3, H, W) uint8 → (S, S, 3) uint8: shorter side to ``resize`` (rounded), centre crop, antialiased."""
-        torch = self.torch
-        p = self.prep
-        _, h, w = img.shape
-        scale = p.resize / min(w, h)
-        new_w, new_h = max(1, round(w * scale)), max(1, round(h * scale))
-        mode = "bicubic" if p.interpolation in ("bicubic", "lanczos") else (
-            "nearest" if p.interpolation == "nearest" else "bilinear")
-        x = img.unsqueeze(0).float()
-        x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=mode,
-                                            antialias=mode != "nearest",
-                                            align_corners=False if mode != "nearest" else None)
-        left = int(round((new_w - p.input_size) / 2))
-        top = int(round((new_h - p.input_size) / 2))
-        x = x[0, :, top:top + p.input_size, left:left + p.input_size]
-        return x.round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+        return resize_crop(img, self.prep)
 
     def _decode_batch(self, blobs: list[bytes]) -> list:
         """Decode JPEG blobs on the device; entries that fail come back as None (PIL fallback)."""

@@ -95,8 +95,10 @@ class ShardWriter:
     def flush(self) -> None:
         if self._n == 0:
             return
+        from stage1_extract.lifecycle import shard_name  # (lifecycle imports this module)
+
         feats = np.concatenate(self._features) if len(self._features) > 1 else self._features[0]
-        name = f"part-{self.stamp}-{self._seq:05d}.parquet"
+        name = shard_name(self.stamp, seq=self._seq)
         self._seq += 1
         self._queue.put((name, self._rows, feats))
         self._rows = {k: [] for k in self._rows}

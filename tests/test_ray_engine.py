@@ -92,6 +92,16 @@ def test_ray_and_local_engines_produce_the_same_shards_and_errors(tree, tiny, tm
     summary = json.loads(Path(meta_file(tmp_path / "ray", "run.json")).read_text())
     assert summary["extracted"] == 12 and summary["errors"] == 3 and summary["shards_written"] == len(shards)
     assert "stage 1 done" in remote.format()
+    assert set(remote.timings) == set(local.timings)  # the same lifecycle, the same timings
+    assert remote.timings["wait_decode"] > 0  # the actors' idle time waiting for decoded blocks
+
+
+def test_ray_cpu_defaults_match_the_local_engine():
+    from stage1_extract.lifecycle import default_batch_size
+    from stage1_extract.ray_engine import plan_resources
+
+    *_, batch_size, provider = plan_resources(ray, provider="auto", actors=None, threads=None, batch_size=None)
+    assert (batch_size, provider) == (default_batch_size(False), "cpu") == (16, "cpu")
 
 
 def test_reruns_are_incremental_and_exactly_once(tree, tiny, tmp_path):
