@@ -10,6 +10,7 @@ Marked ``gpu``; each test skips when no GPU is usable. The test suite hides GPUs
 import numpy as np
 import pytest
 
+from shardformat.layout import errors_path
 from stage1_extract import export
 from stage1_extract.backbones import get_backbone
 from tests.helpers import make_image_tree
@@ -158,8 +159,8 @@ def test_extract_with_gpu_decoding_matches_cpu_decoding(tmp_path):
     fa, fb = shardformat.read_features(tmp_path / "a"), shardformat.read_features(tmp_path / "b")
     xa, xb = fa.features[np.argsort(fa.paths)], fb.features[np.argsort(fb.paths)]
     assert _cosine(xa, xb).min() > 0.98
-    assert pq.read_table(tmp_path / "a" / "_errors.parquet").to_pylist() == \
-        pq.read_table(tmp_path / "b" / "_errors.parquet").to_pylist()
+    assert pq.read_table(errors_path(tmp_path / "a")).to_pylist() == \
+        pq.read_table(errors_path(tmp_path / "b")).to_pylist()
 
 
 def test_tensorrt_vectors_match_cuda_ones(lite0_fp16, pixels, tmp_path):

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import shardformat
+from shardformat.layout import errors_path
 from stage1_extract import extract, lifecycle
 from stage1_extract.backbones import get_backbone
 from stage1_extract.decode import decode_image
@@ -74,10 +75,11 @@ def test_a_failed_run_records_the_errors_found_so_far(tmp_path):
     model = export.wrap_user_onnx(make_tiny_onnx(tmp_path / "tiny.onnx", input_size=32))
     out = tmp_path / "out"
     with pytest.raises(KeyError):
-        with lifecycle.open_run(tree, out, model, provider="cpu", strict=False) as run:
+        out_path, listing = lifecycle.list_inputs(tree, out)
+        with lifecycle.open_run(listing, out_path, model, provider="cpu", strict=False) as run:
             run.add_error("cat/broken.jpg", "cannot decode image: test")
             raise KeyError("boom")
-    errors = pq.read_table(out / "_errors.parquet").to_pylist()
+    errors = pq.read_table(errors_path(out)).to_pylist()
     assert [e["path"] for e in errors] == ["cat/broken.jpg", "cat/notes.txt"]  # the loop's and the listing's
     assert not (out / lifecycle.SUMMARY_FILE).exists()  # a failed run writes no summary
 
@@ -247,8 +249,8 @@ def test_extract_with_the_nvimgcodec_decoder_matches_the_default(tmp_path):
     xa, xb = fa.features[np.argsort(fa.paths)], fb.features[np.argsort(fb.paths)]
     cos = (xa * xb).sum(1) / np.linalg.norm(xa, axis=1) / np.linalg.norm(xb, axis=1)
     assert cos.min() > 0.98
-    ea = pq.read_table(tmp_path / "a" / "_errors.parquet").to_pylist()
-    eb = pq.read_table(tmp_path / "b" / "_errors.parquet").to_pylist()
+    ea = pq.read_table(errors_path(tmp_path / "a")).to_pylist()
+    eb = pq.read_table(errors_path(tmp_path / "b")).to_pylist()
     assert ea == eb
 
 
