@@ -54,6 +54,7 @@ from stage2_classify.rundir import RunDirError  # noqa: E402
 from stage2_classify.train import TrainOptions, TrainResult, train  # noqa: E402
 from stage2_classify.predict import evaluate, load_run, predict  # noqa: E402
 from stage2_classify.sweep import sweep  # noqa: E402
+from stage2_classify.classifier import Classifier  # noqa: E402
 
-__all__ = ["BackendError", "Dataset", "DatasetError", "RunDirError", "TrainOptions", "TrainResult", "evaluate",
+__all__ = ["BackendError", "Classifier", "Dataset", "DatasetError", "RunDirError", "TrainOptions", "TrainResult", "evaluate",
            "load_dataset", "load_run", "predict", "sweep", "train"]

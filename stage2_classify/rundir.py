@@ -23,6 +23,7 @@ MARKER = "run.json"
 REQUIRED = ("model.keras", "labels.json", "shard_metadata.json", "config.json", "metrics.json", MARKER)
 FILES = REQUIRED  # older name
 KNOWN = set(REQUIRED) | {"history.json", "split.json", "curves.png", "confusion_matrix.png"}
+KNOWN |= {"ood.npz"}  # the open-set detector (stage2_classify/ood.py)
 
 
 class RunDirError(FileNotFoundError):
