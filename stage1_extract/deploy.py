@@ -94,13 +94,26 @@ class Pixels:
     errors: list[tuple[str, str]]  # (path, reason) for files that could not be used
 
 
-def load_pixels(paths, preprocessing: Preprocessing | dict) -> Pixels:
-    """Decode image files the way extraction does; unusable files are listed in ``errors``, not raised."""
+def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | None = None) -> Pixels:
+    """Decode images the way extraction does; unusable files are listed in ``errors``, not raised.
+
+    ``images``: one image file, a folder or file list (listed as :func:`extract` lists them), or a list of
+    paths. ``limit`` keeps that many, spread evenly over the listing (class folders come sorted by class).
+    """
     from stage1_extract.decode import DecodeError, decode_image, read_file
+    from stage1_extract.sources import IMAGE_EXTENSIONS, list_images
 
     prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
+    if isinstance(images, (list, tuple)):
+        paths = [os.fspath(p) for p in images]
+    elif os.path.isfile(images) and os.path.splitext(os.fspath(images))[1].lower() in IMAGE_EXTENSIONS:
+        paths = [os.fspath(images)]
+    else:
+        paths = [r.abspath for r in list_images(images).records]
+    if limit is not None and len(paths) > limit:
+        paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, limit).round().astype(int))]
     rows, ok, errors = [], [], []
-    for path in map(os.fspath, paths):
+    for path in paths:
         try:
             rows.append(decode_image(read_file(path), prep))
             ok.append(path)
