@@ -214,6 +214,9 @@ def write_predictions(frame, out: str | os.PathLike) -> str:
     from stage2_classify.predict import _atomic_write
 
     table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
+    # pandas' string dtype arrives as large_string; plain string is what every other file here uses
+    table = table.cast(pa.schema([pa.field(f.name, pa.string() if f.type == pa.large_string() else f.type)
+                                  for f in table.schema]))
     out = os.fspath(out)
     if out.lower().endswith(".csv"):
         _atomic_write(lambda tmp: pacsv.write_csv(table, tmp), out)

@@ -34,6 +34,9 @@ def _hidden(text: str) -> tuple[int, ...]:
     return sizes
 
 
+parse_hidden = _hidden  # public: the pipeline CLI uses this very parser
+
+
 def _list(kind):
     def parse(text: str):
         values = [kind(p) for p in text.split(",") if p.strip()]

@@ -61,9 +61,10 @@ def test_predict_end_to_end(images, tmp_path):
     pipeline.predict(new, trained.run_dir, out, progress=False)
     table = pq.read_table(out)
     assert table.num_rows == 3
-    assert {"path", "predicted", "probability", "prob_cat", "prob_coffee", "prob_space"} <= set(table.column_names)
-    assert set(table.column("path").to_pylist()) == {"unlabelled_cat.jpg", "unlabelled_coffee.jpg",
-                                                     "unlabelled_space.jpg"}
+    assert {"path", "predicted", "probability", "top1_label", "top3_probability", "unknown", "ood_score",
+            "error"} <= set(table.column_names)
+    assert set(table.column("path").to_pylist()) == {str(new / "unlabelled_cat.jpg"), str(new / "unlabelled_coffee.jpg"),
+                                                     str(new / "unlabelled_space.jpg")}  # as given: folder + name
     assert set(table.column("predicted").to_pylist()) <= {"cat", "coffee", "space"}
 
 
@@ -72,8 +73,8 @@ def test_predict_with_a_user_onnx_model_needs_the_file(images, tmp_path):
     trained = pipeline.run(images, tmp_path / "work", onnx=tiny, train_options=TRAIN, progress=False)
     with pytest.raises(ValueError, match="--onnx"):
         pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", progress=False)
-    out = pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", onnx=tiny, progress=False)
-    assert Path(out).read_text().count("\n") == 19
+    frame = pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", onnx=tiny, progress=False)
+    assert len(frame) == 18 and (tmp_path / "p.csv").read_text().count("\n") == 19
 
 
 def test_compare_two_backbones(images, tmp_path):
