@@ -34,6 +34,13 @@ class BackendError(RuntimeError):
 
 def _check_backend() -> None:
     """Raise :class:`BackendError` unless Keras runs (or will run) on torch; imports keras if needed."""
+    if "keras" not in sys.modules and any(name.startswith("keras.src.") for name in sys.modules):
+        # An earlier ``import keras`` failed half-way (typically: no KERAS_BACKEND, so Keras tried TensorFlow);
+        # its backend choice is cached in the modules it left behind, so every later import fails the same way.
+        raise BackendError("an earlier `import keras` failed (Keras tried another backend, usually TensorFlow, "
+                           "which is not installed). Restart the Python process (the notebook kernel), then set "
+                           "KERAS_BACKEND=torch before importing keras (os.environ['KERAS_BACKEND'] = 'torch'), "
+                           "or import stage2_classify first.")
     if "keras" not in sys.modules:
         wanted = os.environ.get("KERAS_BACKEND", "torch")
         if wanted != "torch":
@@ -44,7 +51,8 @@ def _check_backend() -> None:
         raise BackendError(f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
 
-if "keras" in sys.modules:  # imported before us: refuse now rather than fail obscurely at training time
+if any(name == "keras" or name.startswith("keras.src.") for name in sys.modules):
+    # imported (or tried) before us: refuse now rather than fail obscurely at training time
     _check_backend()
 
 # Eager on purpose: the functions must shadow the submodules of the same name (train, predict, sweep).
