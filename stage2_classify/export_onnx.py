@@ -47,6 +47,7 @@ class ExportResult:
     ir_version: int
     opset: int
     size_bytes: int
+    verified_provider: str = "CPUExecutionProvider"  # where the merged model ran for the check
 
     def format(self) -> str:
         ood = (f", ood_score within {self.max_ood_score_difference:.1e} (relative)"
@@ -59,7 +60,8 @@ class ExportResult:
             "centre crop)",
             f"  outputs  probabilities N×{len(self.labels)}" + (", ood_score N" if self.max_ood_score_difference
                                                                    is not None else ""),
-            f"  verified against the two-stage path on {self.verified_images} {self.verified_on}: largest "
+            f"  verified ({self.verified_provider}) against the two-stage path on {self.verified_images} "
+            f"{self.verified_on}: largest "
             f"probability difference {self.max_probability_difference:.2e}{ood}",
         ])
 
@@ -218,7 +220,8 @@ def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", image
 
     providers = providers or ["CPUExecutionProvider"]
     pixels, source = _verification_pixels(images, prep)
-    got = _session(data, providers).run(None, {"images": pixels})
+    session = _session(data, providers)
+    got = session.run(None, {"images": pixels})
     features = _session(reference_backbone.onnx_path, ["CPUExecutionProvider"]).run(None, {"images": pixels})[0]
     expected = classifier.predict_proba(features)
     diff = float(np.abs(got[0] - expected).max())
@@ -236,7 +239,7 @@ def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", image
     _write_atomic(out, data)
     return ExportResult(out, precision, classifier.classes, prep, diff, ood_diff, source, len(pixels),
                         merged.ir_version, max(o.version for o in merged.opset_import if o.domain in ("", "ai.onnx")),
-                        len(data))
+                        len(data), session.get_providers()[0])
 
 
 def _write_atomic(path: str, data: bytes) -> None:

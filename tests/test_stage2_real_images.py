@@ -99,3 +99,23 @@ def test_fp16_export_runs_through_the_same_code_on_the_cpu(animals, tmp_path):
     model = onnx.load(tmp_path / "model16.onnx")
     assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
     assert {p.key: p.value for p in model.metadata_props}["precision"] == "fp16"
+
+
+def _cuda_usable() -> bool:
+    try:
+        import onnxruntime as ort
+        import torch
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _cuda_usable(), reason="needs a CUDA GPU for ONNX Runtime")
+def test_fp16_export_on_the_gpu(animals, tmp_path):
+    result = Classifier.load(animals["run"]).export(tmp_path / "model16.onnx", precision="fp16",
+                                                    images=animals["images"],
+                                                    providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert result.verified_provider == "CUDAExecutionProvider"
+    assert result.max_probability_difference < 5e-2
+    print(result.format())
