@@ -87,6 +87,39 @@ def test_exported_onnx_agrees_with_predict_on_real_images(animals, tmp_path):
     assert np.abs(probs.max(axis=1) - frame["probability"].to_numpy(float)).max() < 1e-3
     unknown = scores > float(props["ood_threshold"])
     assert list(unknown) == list(frame["unknown"])
+    # and the README's example, as written there, runs and names the same class
+    photo_path = sorted(animals["photos"].glob("*.jpg"))[0]
+    code = _readme_block("## One deployable file").replace('"model.onnx"', repr(str(tmp_path / "model.onnx")))
+    printed = _run_printing(code.replace('"photo.jpg"', repr(str(photo_path))))
+    assert printed.split()[0] == frame.set_index("path").loc[str(photo_path), "predicted"]
+    assert printed.rstrip().endswith("unknown")  # a photograph, to an Animal-MNIST model
+
+
+def _readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text()
+    section = text[text.index(heading):]
+    return section[section.index("```python") + len("```python"):section.index("```", section.index("```python") + 9)]
+
+
+def _run_printing(code: str) -> str:
+    import contextlib
+    import io
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        exec(compile(code, "README.md", "exec"), {})
+    return buf.getvalue()
+
+
+def test_readme_notebook_example_runs(animals, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = (_readme_block("## In a notebook").replace('"data/animal_mnist"', repr(str(animals["images"])))
+            .replace('"new_photos/"', repr(str(animals["photos"]))))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    df = namespace["df"]
+    assert len(df) == len(PHOTOS) and df["unknown"].all()
+    assert namespace["report"]["accuracy"] > 0.9
 
 
 @pytest.mark.slow
