@@ -66,6 +66,9 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
             return cached
     prep = Preprocessing.from_dict(meta.preprocessing)
     if meta.backbone.startswith("onnx:"):
+        if precision != meta.precision:
+            raise ValueError(f"the vectors were made by a user ONNX model ({meta.backbone}, {meta.precision}); "
+                             f"stage 1 cannot convert it to {precision}: export it in that precision yourself")
         if onnx is None:
             raise FileNotFoundError(
                 f"the vectors were made by a user ONNX model ({meta.backbone}) whose wrapped export is no longer "

@@ -144,10 +144,17 @@ class Classifier:
                   file=sys.stderr)
         return frame
 
-    def evaluate(self, shards: str | os.PathLike, **kwargs):
-        """Metrics on every labelled row of ``shards`` (see :func:`stage2_classify.evaluate`)."""
+    def evaluate(self, inputs, *, features_dir=None, weights=None, onnx=None, progress: bool = True,
+                 **kwargs):
+        """Metrics on every labelled row of ``inputs``: labelled shards, or labelled images (a class-folder
+        tree or a file list with a ``label`` column), extracted into the feature cache first. Keyword
+        arguments go to :func:`stage2_classify.evaluate`."""
         from stage2_classify.predict import evaluate
 
+        shards = inputs
+        if isinstance(inputs, (list, tuple)) or not _inputs.is_shard_dir(inputs):
+            shards = _inputs.from_images(inputs, self.metadata, features_dir=features_dir, weights=weights,
+                                         onnx=onnx, progress=progress).features_dir
         return evaluate(shards, self.run_dir, **kwargs)
 
     def export(self, out: str | os.PathLike, *, precision: str = "fp32", images=None, **kwargs):

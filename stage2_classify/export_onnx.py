@@ -134,7 +134,7 @@ def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
         nodes += [
             helper.make_node("MatMul", [features, const("ood_w", detector.whitening)], [PREFIX + "z"]),
             helper.make_node("Mul", [PREFIX + "z", PREFIX + "z"], [PREFIX + "z2"]),
-            helper.make_node("ReduceSum", [PREFIX + "z2", const_i64(inits, "axis1", [1])], [PREFIX + "zn"],
+            helper.make_node("ReduceSum", [PREFIX + "z2", _const_i64(inits, "axis1", [1])], [PREFIX + "zn"],
                              keepdims=1),
             helper.make_node("MatMul", [PREFIX + "z", const("ood_ct2", -2.0 * c.T)], [PREFIX + "zc"]),
             helper.make_node("Add", [PREFIX + "zc", PREFIX + "zn"], [PREFIX + "d2a"]),
@@ -157,7 +157,7 @@ def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
     return model
 
 
-def const_i64(inits: list, name: str, value) -> str:
+def _const_i64(inits: list, name: str, value) -> str:
     from onnx import numpy_helper
 
     inits.append(numpy_helper.from_array(np.asarray(value, np.int64), PREFIX + name))

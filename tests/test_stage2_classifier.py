@@ -97,6 +97,13 @@ def test_bad_images_become_rows_with_an_error(setup, tmp_path):
         Classifier.load(setup["run"]).predict(tmp_path / "nope.jpg", onnx=setup["tiny"])
 
 
+def test_evaluate_on_labelled_images_and_on_shards(setup):
+    clf = Classifier.load(setup["run"])
+    on_images = clf.evaluate(setup["images"], onnx=setup["tiny"], progress=False, verbose=0)
+    on_shards = clf.evaluate(setup["shards"], verbose=0)
+    assert on_images["n"] == on_shards["n"] == 24 and on_images["accuracy"] == on_shards["accuracy"]
+
+
 def test_user_onnx_run_needs_the_model_file(setup):
     with pytest.raises(ValueError, match="--onnx"):
         Classifier.load(setup["run"]).predict(str(setup["images"]), progress=False)
