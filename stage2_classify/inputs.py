@@ -129,8 +129,10 @@ def from_images(images, metadata: ShardMetadata, *, features_dir=None, weights=N
     extra = {}
     if onnx is not None:
         prep = metadata.preprocessing
+        # the preprocessing the run's vectors were made with (mean/std are stored on the 0-255 scale)
         extra = dict(input_size=prep.get("input_size"), resize=prep.get("resize"),
-                     interpolation=prep.get("interpolation"))
+                     interpolation=prep.get("interpolation"), mean=tuple(m / 255 for m in prep["mean"]),
+                     std=tuple(s / 255 for s in prep["std"]))
     extract_fn(os.fspath(source), os.fspath(out), backbone=backbone, weights=weights, onnx=onnx, progress=progress,
                **extra, **stage1_options)
     fs = shardformat.read_features(out, expect=metadata)

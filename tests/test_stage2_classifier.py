@@ -104,6 +104,14 @@ def test_evaluate_on_labelled_images_and_on_shards(setup):
     assert on_images["n"] == on_shards["n"] == 24 and on_images["accuracy"] == on_shards["accuracy"]
 
 
+def test_user_onnx_with_its_own_preprocessing_predicts_from_images(setup, tmp_path):
+    extract(setup["images"], tmp_path / "f", onnx=setup["tiny"], input_size=32, resize=40, mean=(0.5, 0.5, 0.5),
+            std=(0.25, 0.25, 0.25), interpolation="bicubic", progress=False)
+    run = train(tmp_path / "f", tmp_path / "run", **FAST).run_dir
+    frame = Classifier.load(run).predict(str(setup["images"]), onnx=setup["tiny"], progress=False)
+    assert frame["predicted"].notna().all() and len(frame) == 24
+
+
 def test_user_onnx_run_needs_the_model_file(setup):
     with pytest.raises(ValueError, match="--onnx"):
         Classifier.load(setup["run"]).predict(str(setup["images"]), progress=False)
