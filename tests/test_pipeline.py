@@ -99,3 +99,20 @@ def test_cli(images, tmp_path):
                        cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "pipeline done" in r.stdout and "test accuracy" in r.stdout and "model.keras" in r.stdout
+    run_dir = tmp_path / "w" / "runs" / "efficientnet_lite0" / "latest"
+    one = sorted(images.glob("cat/*.jpg"))[0]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--images", str(one), "--model", str(run_dir),
+                        "--out", str(tmp_path / "p.csv"), "--no-progress", "--top-k", "2"], capture_output=True,
+                       text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "1 predictions written" in r.stdout and "extracting" not in r.stderr
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith(f'"{one}",')
+
+
+def test_cli_hidden_uses_stage2s_parser():
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--images", "x", "--workdir", "w", "--hidden", "512x256"])
+    assert args.hidden == (512, 256)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--images", "x", "--workdir", "w", "--hidden", "-3"])
