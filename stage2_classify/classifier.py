@@ -74,17 +74,18 @@ class Classifier:
         return self._ood_note or ""
 
     def calibrate_ood(self, shards: str | os.PathLike, *, quantile: float = 0.95):
-        """Fit the open-set detector on labelled ``shards`` (a stratified 85/15 split: fit / calibrate) and store
+        """Fit the open-set detector on labelled ``shards`` (an 85/15 split by content: fit / calibrate) and store
         it in the run directory; for runs whose training shards are no longer where they were."""
-        from stage2_classify.data import load_dataset, stratified_split
+        from stage2_classify.data import load_dataset
         from stage2_classify.ood import FILE, fit
+        from stage2_classify.split import content_split
 
         ds = load_dataset(shards, expect=self.metadata)
         index = {c: i for i, c in enumerate(self.classes)}
         known = np.asarray([c in index for c in ds.classes])[ds.y]
         y = np.asarray([index.get(c, -1) for c in ds.classes], np.int64)[ds.y][known]
         x = ds.features[known]
-        split = stratified_split(y, val_fraction=0.15, test_fraction=0.0)
+        split = content_split(ds.content_ids[known], y, ds.groups[known], val_fraction=0.15, test_fraction=0.0)
         detector = fit(x[split["train"]], y[split["train"]], len(self.classes), x[split["validation"]],
                        quantile=quantile)
         detector.info["calibrated_from"] = os.fspath(shards)
@@ -147,15 +148,16 @@ class Classifier:
     def evaluate(self, inputs, *, features_dir=None, weights=None, onnx=None, progress: bool = True,
                  **kwargs):
         """Metrics on every labelled row of ``inputs``: labelled shards, or labelled images (a class-folder
-        tree or a file list with a ``label`` column), extracted into the feature cache first. Keyword
-        arguments go to :func:`stage2_classify.evaluate`."""
+        tree or a file list with a ``label`` column), extracted into the feature cache first. Returns an
+        :class:`stage2_classify.EvaluationResult`; ``out`` writes the metrics as JSON too; ``progress`` shows the
+        extraction and prints the summary."""
         from stage2_classify.predict import evaluate
 
         shards = inputs
         if isinstance(inputs, (list, tuple)) or not _inputs.is_shard_dir(inputs):
             shards = _inputs.from_images(inputs, self.metadata, features_dir=features_dir, weights=weights,
                                          onnx=onnx, progress=progress).features_dir
-        return evaluate(shards, self.run_dir, **kwargs)
+        return evaluate(shards, self.run_dir, progress=progress, **kwargs)
 
     def export(self, out: str | os.PathLike, *, precision: str = "fp32", images=None, **kwargs):
         """Write one ONNX model from uint8 pixels to probabilities, verified against this classifier

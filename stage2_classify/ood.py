@@ -118,10 +118,8 @@ def fit(features: np.ndarray, y: np.ndarray, n_classes: int, calibration: np.nda
 
 
 def fit_for_run(run_dir: str | os.PathLike, dataset, split: dict[str, np.ndarray]) -> OpenSetDetector:
-    """Fit on a training run's own data and write ``run_dir/ood.npz``; one call at the end of training::
-
-        ood.fit_for_run(writer.tmp, ds, split)   # inside train(), before commit (or on the final run_dir)
-    """
+    """Fit on a training run's own data and write ``run_dir/ood.npz``; called by ``runfiles.write_run`` on the
+    run's temporary folder before commit, so the detector is part of the atomic run."""
     val = split.get("validation", np.zeros(0, np.int64))
     detector = fit(dataset.features[split["train"]], dataset.y[split["train"]], len(dataset.classes),
                    dataset.features[val] if len(val) else None)
@@ -131,36 +129,29 @@ def fit_for_run(run_dir: str | os.PathLike, dataset, split: dict[str, np.ndarray
 
 def fit_from_training_shards(run_dir: Path, classes: list[str], metadata) -> OpenSetDetector:
     """For a run trained before ``ood.npz`` existed: reload its training shards (``config.json``'s ``shards``),
-    take the rows ``split.json`` assigned to train and validation, fit, and store ``ood.npz`` in the run.
+    take the rows its ``split.csv`` (or older ``split.json``) put in train and validation (matched by content,
+    then path), fit, and store ``ood.npz`` in the run.
 
     Raises ``FileNotFoundError`` saying what is missing when the shards or the split cannot be found.
     """
     import shardformat
+    from stage2_classify.data import load_dataset
+    from stage2_classify.splitfile import split_from_file
 
     config = json.loads((run_dir / "config.json").read_text())
     shards = config.get("shards")
-    split_file = run_dir / "split.json"
-    if not shards or not split_file.is_file():
-        raise FileNotFoundError(f"{run_dir} records no training shards or no split.json")
+    split_file = next((run_dir / n for n in ("split.csv", "split.json") if (run_dir / n).is_file()), None)
+    if not shards or split_file is None:
+        raise FileNotFoundError(f"{run_dir} records no training shards or no split.csv")
     if "://" not in shards and not shardformat.list_shards(shards):
         raise FileNotFoundError(f"the training shards {shards} (from {run_dir / 'config.json'}) are not reachable "
                                 "from here")
-    fs = shardformat.read_features(shards, expect=metadata)
-    split = json.loads(split_file.read_text())
-    position = {p: i for i, p in enumerate(fs.paths.tolist())}
+    ds = load_dataset(shards, expect=metadata)
+    split = split_from_file(ds.paths, split_file, ds.content_ids)
     index = {c: i for i, c in enumerate(classes)}
-
-    def rows(name: str) -> np.ndarray:
-        found = [position[p] for p in split.get(name, []) if p in position]
-        return np.asarray(found, np.int64)
-
-    train, val = rows("train"), rows("validation")
-    if len(train) == 0:
-        raise FileNotFoundError(f"none of the training rows listed in {split_file} are in {shards} any more")
-    labels = fs.labels[train].astype(str)
-    keep = np.isin(labels, np.asarray(classes, dtype=str))
-    y = np.asarray([index[label] for label in labels[keep]], np.int64)
-    detector = fit(fs.features[train][keep], y, len(classes), fs.features[val] if len(val) else None)
+    y = np.asarray([index.get(c, -1) for c in ds.classes], np.int64)[ds.y]  # the run's class order
+    train, val = split["train"][y[split["train"]] >= 0], split.get("validation", np.zeros(0, np.int64))
+    detector = fit(ds.features[train], y[train], len(classes), ds.features[val] if len(val) else None)
     detector.info["fitted_after_training_from"] = shards
     try:
         detector.save(run_dir / FILE)

@@ -17,7 +17,7 @@ from stage2_classify.synthetic import write_synthetic_shards
 from tests.helpers import make_image_tree, make_tiny_onnx
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(epochs=10, patience=3, batch_size=8, learning_rate=1e-2, verbose=0)
+FAST = dict(epochs=10, patience=3, batch_size=8, learning_rate=1e-2, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +99,10 @@ def test_bad_images_become_rows_with_an_error(setup, tmp_path):
 
 def test_evaluate_on_labelled_images_and_on_shards(setup):
     clf = Classifier.load(setup["run"])
-    on_images = clf.evaluate(setup["images"], onnx=setup["tiny"], progress=False, verbose=0)
-    on_shards = clf.evaluate(setup["shards"], verbose=0)
-    assert on_images["n"] == on_shards["n"] == 24 and on_images["accuracy"] == on_shards["accuracy"]
+    on_images = clf.evaluate(setup["images"], onnx=setup["tiny"], progress=False)
+    on_shards = clf.evaluate(setup["shards"], progress=False)
+    assert on_images.metrics["n"] == on_shards.metrics["n"] == 24
+    assert on_images.metrics["accuracy"] == on_shards.metrics["accuracy"]
 
 
 def test_user_onnx_with_its_own_preprocessing_predicts_from_images(setup, tmp_path):
@@ -140,17 +141,23 @@ def test_cli_predict_images_and_shards(setup, tmp_path):
 def test_open_set_flag_stored_and_flags_far_vectors(tmp_path):
     shards = write_synthetic_shards(tmp_path / "shards", counts=(80, 80, 80), dim=16)
     run = Path(train(shards, tmp_path / "run", **FAST).run_dir)
+    assert (run / "ood.npz").is_file()  # fitted at training time, part of the atomic run
     clf = Classifier.load(run)
-    assert clf.ood is not None and (run / "ood.npz").is_file()  # fitted from the training shards, stored
     assert clf.ood.info["calibrated_on"] == "validation" and clf.ood.info["quantile"] == 0.95
     inside = clf.predict(shards)
     assert inside["unknown"].mean() < 0.15
     far = np.random.default_rng(1).normal(0, 40, size=(20, 16)).astype(np.float32)
     flagged = clf.predict(far)
     assert flagged["unknown"].all() and (flagged["ood_score"] > clf.ood.threshold).all()
+    # a run from before ood.npz existed: fitted from its training shards on first use, the same detector
+    before = clf.ood
+    (run / "ood.npz").unlink()
+    again = Classifier.load(run)
+    assert again.ood.info["fitted_after_training_from"] == str(shards) and (run / "ood.npz").is_file()
+    np.testing.assert_allclose(again.ood.threshold, before.threshold, rtol=1e-5)
     # retraining into the same directory is allowed (ood.npz is a run file)
     train(shards, run, **FAST)
-    assert not (run / "ood.npz").exists()
+    assert (run / "ood.npz").is_file()
 
 
 def test_open_set_flag_unavailable_without_training_shards_says_why(tmp_path):
@@ -158,6 +165,7 @@ def test_open_set_flag_unavailable_without_training_shards_says_why(tmp_path):
 
     shards = write_synthetic_shards(tmp_path / "shards", dim=16)
     run = Path(train(shards, tmp_path / "run", **FAST).run_dir)
+    (run / "ood.npz").unlink()  # as a run trained before the flag existed
     moved = tmp_path / "moved"
     shutil.move(shards, moved)
     clf = Classifier.load(run)
