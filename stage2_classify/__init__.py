@@ -2,14 +2,17 @@
 
 Public API::
 
-    from stage2_classify import train, evaluate, predict, sweep, cross_validate
-    result = train("features/", "runs/first")          # model.keras, metrics.json, split.csv, plots
+    from stage2_classify import Classifier, train, evaluate, predict, sweep, cross_validate
+    result = train("features/", "runs/first")          # model.keras, metrics.json, split.csv, ood.npz, plots
     evaluate("other_features/", "runs/first")          # metrics on labelled shards (warns if not held out)
+    clf = Classifier.load("runs/first")                # predict (DataFrame), evaluate, export (one ONNX file)
+    df = clf.predict("new_photos/")                    # images, shards or vectors; top-k and an 'unknown' flag
     predict("new_features/", "runs/first", "preds.csv")
     rows = sweep("features/", "sweeps/a", hidden=[(), (256,), (512,)], dropout=[0.2, 0.4])
     cv = cross_validate("features/", "cv/a", folds=5)  # out-of-fold probabilities for every image
 
-It reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images.
+Training reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images;
+prediction on images has them extracted by stage 1's public ``stage1_extract.extract``.
 Keras runs on its torch backend: importing this package sets ``KERAS_BACKEND=torch`` unless it is set.
 Keras and torch load on first use, so ``stage2-classify --help`` is instant.
 """
