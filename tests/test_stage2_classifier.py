@@ -228,3 +228,24 @@ def test_keras_on_another_backend_gives_a_clear_message(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("stage2_classify.BackendError") and "KERAS_BACKEND is 'jax'" in last
     assert "Set KERAS_BACKEND=torch" in last
+
+
+def test_export_cli_writes_one_verified_file(setup, tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    out = tmp_path / "model.onnx"
+    r = subprocess.run([sys.executable, "-m", "stage2_classify", "export", "--model", str(setup["run"]), "--out",
+                        str(out), "--images", str(setup["images"])], capture_output=True, text=True,
+                       env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "verified (CPUExecutionProvider) against the two-stage path on 24 real images" in r.stdout
+    model = onnx.load(out)
+    props = {p.key: p.value for p in model.metadata_props}
+    assert json.loads(props["labels"]) == ["cat", "coffee", "space"]
+    assert json.loads(props["preprocessing"])["input_size"] == 32 and model.ir_version <= 10
+    assert [o.name for o in model.graph.output] == ["probabilities", "ood_score"]
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    probs, scores = session.run(None, {"images": np.zeros((2, 32, 32, 3), np.uint8)})
+    assert probs.shape == (2, 3) and scores.shape == (2,)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
