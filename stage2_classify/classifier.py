@@ -205,13 +205,18 @@ def _frame(rows: _inputs.Resolved, probs: np.ndarray, classes: list[str], top_k:
 
 
 def _fill(ok: np.ndarray, values, dtype):
+    """Per-usable-row ``values`` spread over all rows, null (pandas' mask) where a row has no vector."""
     import pandas as pd
 
-    out = [None] * len(ok)
-    it = iter(np.asarray(values).tolist())
-    for i in np.flatnonzero(ok):
-        out[i] = next(it)
-    return pd.array(out, dtype=dtype)
+    values = np.asarray(values)
+    if dtype == "string":
+        data = np.full(len(ok), None, dtype=object)
+        data[ok] = values
+        return pd.array(data, dtype="string")
+    data = np.zeros(len(ok), np.float32 if dtype == "Float32" else bool)
+    data[ok] = values
+    array_type = pd.arrays.FloatingArray if dtype == "Float32" else pd.arrays.BooleanArray
+    return array_type(data, ~ok)
 
 
 def write_predictions(frame, out: str | os.PathLike) -> str:
