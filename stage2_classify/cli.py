@@ -128,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "a per-backbone cache under $HYBRID_TRANSFER_CACHE or ~/.cache/hybrid-transfer)")
     p.add_argument("--weights", default=None, help="with --images: the --weights file the run's backbone used")
     p.add_argument("--onnx", default=None, help="with --images: the user ONNX model the run was trained on")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto",
+                   help="with --images: where stage 1 runs the backbone (default auto: CUDA when usable)")
+    p.add_argument("--batch-size", type=int, default=None, help="with --images: stage 1's inference batch size")
     p.add_argument("--no-progress", action="store_true", help="no extraction progress bar or notes")
 
     x = sub.add_parser("export", help="one ONNX file from uint8 pixels to class probabilities (and ood_score)",
@@ -214,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "predict":
             frame = s2.predict(args.images or args.shards, args.model, args.out, top_k=args.top_k,
                                all_probabilities=args.all_probabilities, features_dir=args.features,
-                               weights=args.weights, onnx=args.onnx, progress=not args.no_progress)
+                               weights=args.weights, onnx=args.onnx, progress=not args.no_progress,
+                               **({"provider": args.provider, "batch_size": args.batch_size} if args.images else {}))
             print(_prediction_summary(frame, args.out))
         else:
             from stage2_classify.export_onnx import export
