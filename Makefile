@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test,lite,ray,dicom,gpu-decode]"
 	@# gpu-decode: nvImageCodec runs on its CPU back end without a GPU, so the tests check the GPU decoder's code.
+	@# editable installs skip setup.py's copy of the start-up hook that lets a bare `import keras` use torch
+	$(PY) -c "import shutil, sysconfig; shutil.copy('hybrid_transfer_keras.pth', sysconfig.get_paths()['purelib'])"
 	@# animal-mnist's declared dependencies pull in TensorFlow; it needs none of them here.
 	$(PY) -m pip install -q --no-deps animal-mnist
 	@touch $(STAMP)

@@ -5,15 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-
-def _hidden(text: str) -> tuple[int, ...]:
-    text = text.strip().lower()
-    if text in ("", "0", "none", "linear"):
-        return ()
-    try:
-        return tuple(int(p) for p in text.replace("x", ",").split(",") if p)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"hidden sizes look like 512 or 512x256 or 0, not {text!r}") from None
+from stage2_classify.cli import parse_hidden  # one --hidden parser for both CLIs
 
 
 def _stage1_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +23,7 @@ def _stage1_args(p: argparse.ArgumentParser) -> None:
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("stage 2 (classifier)")
-    g.add_argument("--hidden", type=_hidden, default=None, help="hidden layer sizes, e.g. 512 or 512x256; 0 = linear")
+    g.add_argument("--hidden", type=parse_hidden, default=None, help="hidden layer sizes, e.g. 512 or 512x256; 0 = linear")
     g.add_argument("--dropout", type=float, default=None, help="dropout after each hidden layer (default 0.3)")
     g.add_argument("--lr", type=float, default=None, help="learning rate")
     g.add_argument("--epochs", type=int, default=None, help="most epochs; early stopping usually ends sooner")
@@ -77,7 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--images", required=True, help="folder of new images (class folders optional) or a file list")
     pr.add_argument("--model", required=True, help="a run directory written by training")
     pr.add_argument("--out", required=True, help="predictions file (.parquet, or .csv)")
-    pr.add_argument("--features", default=None, help="where to cache the new images' features (default OUT.features)")
+    pr.add_argument("--top-k", type=int, default=3, help="labels and probabilities of the k likeliest classes")
+    pr.add_argument("--features", default=None, help="where to cache the new images' features "
+                    "(default: stage 2's per-backbone cache)")
+    pr.add_argument("--no-progress", action="store_true", help="no progress bar or notes")
     pr.add_argument("--weights", default=None, help="the backbone state_dict file the run was trained with, if any")
     pr.add_argument("--onnx", default=None, help="the user ONNX model the run was trained on, if any")
     _stage1_args(pr)
@@ -102,9 +97,11 @@ def main(argv: list[str] | None = None) -> int:
                                   train_options=_collect(args, TRAIN), **common)
             print(result.format())
         elif args.command == "predict":
-            out = pipeline.predict(args.images, args.model, args.out, features=args.features,
-                                   weights=args.weights, onnx=args.onnx, **common)
-            print(f"predictions written to {out if isinstance(out, str) else args.out}")
+            from stage2_classify.cli import _prediction_summary
+
+            frame = pipeline.predict(args.images, args.model, args.out, features=args.features, top_k=args.top_k,
+                                     weights=args.weights, onnx=args.onnx, progress=not args.no_progress, **common)
+            print(_prediction_summary(frame, args.out))
         else:
             from pipeline.report import format_table
 

@@ -1,7 +1,7 @@
 """Run stage 1 into a per-backbone feature cache, then stage 2; predict and compare end to end.
 
 Only the stages' public functions are called here: ``stage1_extract.extract`` and
-``stage2_classify.train / predict``, plus ``shardformat`` for the metadata a trained model records.
+``stage2_classify.train`` / ``Classifier``, plus ``shardformat`` for the metadata a trained model records.
 """
 
 from __future__ import annotations
@@ -147,39 +147,39 @@ def model_metadata(model_dir: str | os.PathLike) -> ShardMetadata:
 def predict(
     images: str | os.PathLike,
     model_dir: str | os.PathLike,
-    out: str | os.PathLike,
+    out: str | os.PathLike | None = None,
     *,
     features: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = None,
     onnx: str | os.PathLike | None = None,
+    top_k: int = 3,
     engine: str = "local",
     ray_address: str | None = None,
     stage1_options: dict[str, Any] | None = None,
     progress: bool = True,
 ):
-    """New images end to end: stage 1 with the model's own backbone, then the classifier.
+    """New images end to end (one file, a folder or a file list): stage 1 with the model's own backbone, then
+    the classifier; returns stage 2's predictions DataFrame (path, predicted, probability, top-k, unknown,
+    ood_score, error), also written to ``out`` when given.
 
-    The features of the new images are cached in ``features`` (default: ``<out>.features/`` beside the
-    output), so predicting again on the same folder costs only the classifier.
+    The new images' features are cached in ``features`` (default: stage 2's per-backbone cache), so predicting
+    again on the same folder costs only the classifier. ``engine="ray"`` runs the extraction on Ray.
     """
-    import stage2_classify
+    from stage2_classify import Classifier
 
-    require_file_target(out)  # before extracting, not after
-    meta = model_metadata(model_dir)
-    backbone = None
-    if meta.backbone.startswith("onnx:"):
-        if onnx is None:
-            raise ValueError(
-                f"the model in {model_dir} was trained on features of a user ONNX model ({meta.backbone}); "
-                "pass the same file with --onnx"
-            )
-    else:
-        backbone = meta.backbone
-    input_size = meta.preprocessing.get("input_size") if onnx is not None else None
-    fdir = os.fspath(features) if features else f"{os.fspath(out)}.features"
-    _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size, engine=engine,
-             ray_address=ray_address, progress=progress, **(stage1_options or {}))
-    return stage2_classify.predict(fdir, model_dir, out)
+    if out is not None:
+        require_file_target(out)  # before extracting, not after
+    extract_fn = None
+    if engine == "ray":
+        from stage1_extract.ray_engine import extract_ray
+
+        def extract_fn(source, fdir, **kwargs):
+            return extract_ray(source, fdir, ray_address=ray_address, **kwargs)
+    elif engine != "local":
+        raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
+    return Classifier.load(model_dir).predict(images, top_k=top_k, out=out, features_dir=features, weights=weights,
+                                              onnx=onnx, progress=progress, extract_fn=extract_fn,
+                                              **(stage1_options or {}))
 
 
 def compare(

@@ -9,15 +9,19 @@ Public API::
 """
 
 from stage1_extract.backbones import DEFAULT_BACKBONE, WeightsUnavailableError, get_backbone, list_backbones
+from stage1_extract.deploy import Pixels, find_model, load_pixels
 from stage1_extract.extract import ExtractSummary, StrictModeError, extract, prepare_model
 
 __all__ = [
     "DEFAULT_BACKBONE",
     "ExtractSummary",
+    "Pixels",
     "StrictModeError",
     "WeightsUnavailableError",
     "extract",
+    "find_model",
     "get_backbone",
     "list_backbones",
+    "load_pixels",
     "prepare_model",
 ]

@@ -2,14 +2,17 @@
 
 Public API::
 
-    from stage2_classify import train, evaluate, predict, sweep, cross_validate
-    result = train("features/", "runs/first")          # model.keras, metrics.json, split.csv, plots
+    from stage2_classify import Classifier, train, evaluate, predict, sweep, cross_validate
+    result = train("features/", "runs/first")          # model.keras, metrics.json, split.csv, ood.npz, plots
     evaluate("other_features/", "runs/first")          # metrics on labelled shards (warns if not held out)
+    clf = Classifier.load("runs/first")                # predict (DataFrame), evaluate, export (one ONNX file)
+    df = clf.predict("new_photos/")                    # images, shards or vectors; top-k and an 'unknown' flag
     predict("new_features/", "runs/first", "preds.csv")
     rows = sweep("features/", "sweeps/a", hidden=[(), (256,), (512,)], dropout=[0.2, 0.4])
     cv = cross_validate("features/", "cv/a", folds=5)  # out-of-fold probabilities for every image
 
-It reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images.
+Training reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images;
+prediction on images has them extracted by stage 1's public ``stage1_extract.extract``.
 Keras runs on its torch backend: importing this package sets ``KERAS_BACKEND=torch`` unless it is set.
 Keras and torch load on first use, so ``stage2-classify --help`` is instant.
 """
@@ -35,6 +38,13 @@ class BackendError(RuntimeError):
 
 def _check_backend() -> None:
     """Raise :class:`BackendError` unless Keras runs (or will run) on torch; imports keras if needed."""
+    if "keras" not in sys.modules and any(name.startswith("keras.src.") for name in sys.modules):
+        # An earlier ``import keras`` failed half-way (typically: no KERAS_BACKEND, so Keras tried TensorFlow);
+        # its backend choice is cached in the modules it left behind, so every later import fails the same way.
+        raise BackendError("an earlier `import keras` failed (Keras tried another backend, usually TensorFlow, "
+                           "which is not installed). Restart the Python process (the notebook kernel), then set "
+                           "KERAS_BACKEND=torch before importing keras (os.environ['KERAS_BACKEND'] = 'torch'), "
+                           "or import stage2_classify first.")
     if "keras" not in sys.modules:
         wanted = os.environ.get("KERAS_BACKEND", "torch")
         if wanted != "torch":
@@ -45,7 +55,8 @@ def _check_backend() -> None:
         raise BackendError(f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
 
 
-if "keras" in sys.modules:  # imported before us: refuse now rather than fail obscurely at training time
+if any(name == "keras" or name.startswith("keras.src.") for name in sys.modules):
+    # imported (or tried) before us: refuse now rather than fail obscurely at training time
     _check_backend()
 
 # Eager on purpose: the functions must shadow the submodules of the same name (train, predict, sweep).
@@ -56,6 +67,8 @@ from stage2_classify.train import TrainOptions, TrainResult, train  # noqa: E402
 from stage2_classify.predict import EvaluationResult, evaluate, load_run, predict  # noqa: E402
 from stage2_classify.sweep import sweep  # noqa: E402
 from stage2_classify.cv import CVResult, cross_validate  # noqa: E402
+from stage2_classify.classifier import Classifier  # noqa: E402
 
-__all__ = ["BackendError", "CVResult", "Dataset", "DatasetError", "EvaluationResult", "RunDirError", "TrainOptions",
-           "TrainResult", "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep", "train"]
+__all__ = ["BackendError", "CVResult", "Classifier", "Dataset", "DatasetError", "EvaluationResult", "RunDirError",
+           "TrainOptions", "TrainResult", "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep",
+           "train"]

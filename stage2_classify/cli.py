@@ -14,6 +14,8 @@ EPILOG = """examples:
   stage2-classify train    --shards feats --out runs/deep --hidden 512x256 --dropout 0.4 --lr 3e-4
   stage2-classify evaluate --shards other_feats --model work/runs/first --out metrics.json
   stage2-classify predict  --shards new_feats --model work/runs/first --out predictions.csv
+  stage2-classify predict  --images photo.jpg --model work/runs/first --out predictions.csv --top-k 5
+  stage2-classify export   --model work/runs/first --out model.onnx --images data/animal_mnist
   stage2-classify sweep    --shards feats --out sweeps/a --hidden 0,256,512,512x256 --dropout 0.2,0.4
   stage2-classify cv       --shards feats --out cv/a --folds 5
   stage2-classify train    --shards other_backbone_feats --out runs/b --split-file work/runs/first/split.csv
@@ -32,6 +34,9 @@ def _hidden(text: str) -> tuple[int, ...]:
     if any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError(f"hidden sizes must be positive: {text!r}")
     return sizes
+
+
+parse_hidden = _hidden  # public: the pipeline CLI uses this very parser
 
 
 def _list(kind):
@@ -81,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and use a Keras dense classifier (torch backend) on cached feature shards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,sweep,cv}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,export,sweep,cv}")
     t = sub.add_parser("train", help="train a head and write a run directory (model, metrics, plots)",
                        description="Train a dense head on labelled shards; writes model.keras, labels.json, "
                        "shard_metadata.json, config.json, metrics.json, history.json, split.csv, "
@@ -104,12 +109,43 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="run directory written by train")
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
 
-    p = sub.add_parser("predict", help="predicted class and probabilities for every row of the shards",
-                       description="Writes path, label, predicted, probability and prob_<class> columns. "
-                       "Refuses shards made by another backbone, weights or preprocessing than the model's.")
-    p.add_argument("--shards", required=True, help="directory (or URI) of feature shards (labels not needed)")
+    p = sub.add_parser("predict", help="predicted class, top-k and an 'unknown' flag for images or shards",
+                       description="Predicts on images (one file, a folder, a file list: features are extracted "
+                       "with the run's own backbone into a per-backbone cache) or on feature shards. Writes path, "
+                       "label (when known), predicted, probability, top1_label/top1_probability…, unknown, "
+                       "ood_score and error. Refuses shards made by another backbone, weights or preprocessing.",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--images", help="an image file, a folder (flat or class folders) or a CSV/TSV/Parquet "
+                        "file list with a 'path' column")
+    source.add_argument("--shards", help="directory (or URI) of feature shards (labels not needed)")
     p.add_argument("--model", required=True, help="run directory written by train")
     p.add_argument("--out", required=True, help="output file: Parquet, or CSV when the name ends in .csv")
+    p.add_argument("--top-k", type=int, default=3, help="labels and probabilities of the k likeliest classes "
+                   "(default 3)")
+    p.add_argument("--all-probabilities", action="store_true", help="also one prob_<class> column per class")
+    p.add_argument("--features", default=None, help="with --images: where to cache their features (default: "
+                   "a per-backbone cache under $HYBRID_TRANSFER_CACHE or ~/.cache/hybrid-transfer)")
+    p.add_argument("--weights", default=None, help="with --images: the --weights file the run's backbone used")
+    p.add_argument("--onnx", default=None, help="with --images: the user ONNX model the run was trained on")
+    p.add_argument("--provider", choices=["auto", "cuda", "cpu", "tensorrt"], default="auto",
+                   help="with --images: where stage 1 runs the backbone (default auto: CUDA when usable)")
+    p.add_argument("--batch-size", type=int, default=None, help="with --images: stage 1's inference batch size")
+    p.add_argument("--no-progress", action="store_true", help="no extraction progress bar or notes")
+
+    x = sub.add_parser("export", help="one ONNX file from uint8 pixels to class probabilities (and ood_score)",
+                       description="Merges the run's backbone (stage 1's verified ONNX export) and head into one "
+                       "ONNX model, verifies it against the two-stage path and writes it. Input: uint8 "
+                       "N×S×S×3 RGB, resized (shorter side) and centre-cropped as metadata_props['preprocessing'] "
+                       "says; outputs: probabilities (labels in metadata_props['labels']) and ood_score.")
+    x.add_argument("--model", required=True, help="run directory written by train")
+    x.add_argument("--out", required=True, help="the .onnx file to write")
+    x.add_argument("--precision", choices=["fp32", "fp16"], default="fp32",
+                   help="fp16: the backbone in half precision, for GPUs (default fp32)")
+    x.add_argument("--images", default=None, help="real images to verify the export on (a file, folder or list; "
+                   "up to 64 are used); without it, random pixels")
+    x.add_argument("--weights", default=None, help="the --weights file the run's backbone used, if any")
+    x.add_argument("--onnx", default=None, help="the user ONNX model the run was trained on, if any")
 
     s = sub.add_parser("sweep", help="train several heads on vectors loaded once; table ranked by validation score",
                        description="Trains every combination of --hidden x --dropout x --lr on one split of "
@@ -178,9 +214,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(result.format())
         elif args.command == "evaluate":
             print(s2.evaluate(args.shards, args.model, args.out).format())
+        elif args.command == "predict":
+            frame = s2.predict(args.images or args.shards, args.model, args.out, top_k=args.top_k,
+                               all_probabilities=args.all_probabilities, features_dir=args.features,
+                               weights=args.weights, onnx=args.onnx, progress=not args.no_progress,
+                               **({"provider": args.provider, "batch_size": args.batch_size} if args.images else {}))
+            print(_prediction_summary(frame, args.out))
         else:
-            out = s2.predict(args.shards, args.model, args.out)
-            print(f"predictions written to {out}")
+            from stage2_classify.export_onnx import export
+
+            print(export(s2.Classifier.load(args.model), args.out, precision=args.precision, images=args.images,
+                         weights=args.weights, onnx=args.onnx).format())
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return 130
@@ -188,3 +232,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stage2-classify: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _prediction_summary(frame, out) -> str:
+    done = frame["predicted"].notna()
+    text = f"{int(done.sum())} predictions written to {out}"
+    if frame["unknown"].notna().any():
+        text += f"; {int(frame['unknown'].fillna(False).sum())} flagged unknown (unlike the training data)"
+    else:
+        text += "; the 'unknown' flag is unavailable for this run (see the note above)"
+    if (~done).any():
+        text += f"; {int((~done).sum())} inputs could not be used (see the 'error' column)"
+    return text

@@ -1,4 +1,4 @@
-"""Using a trained run: load it safely, predict on shards, evaluate on labelled shards."""
+"""Using a trained run: load it safely, predict (on images or shards), evaluate on labelled shards."""
 
 from __future__ import annotations
 
@@ -60,38 +60,19 @@ def _atomic_write(write, out: str) -> None:
     shardformat.atomic_write_via_path(out, write)
 
 
-def predict(shards: str | os.PathLike, model: str | os.PathLike, out: str | os.PathLike) -> str:
-    """Write one row per shard row: ``path``, ``label`` (as stored, may be null), ``predicted``, its
-    ``probability`` and one ``prob_<class>`` column per class.
+def predict(inputs, model: str | os.PathLike, out: str | os.PathLike | None = None, *, top_k: int = 3,
+            progress: bool = True, **options):
+    """Predict with the run in ``model`` on images or vectors; returns a pandas DataFrame, also written to
+    ``out`` when given (CSV when the name ends in ``.csv``, Parquet otherwise).
 
-    Parquet, or CSV when ``out`` ends in ``.csv``. Shards made by another backbone, other weights or other
-    preprocessing than the model was trained on are refused (:class:`shardformat.IncompatibleShardsError`).
-    Returns the path written.
+    ``inputs``: one image file, a folder, a file list, a list of paths, a shard directory or an (n, D) array
+    (see :meth:`stage2_classify.Classifier.predict`, which takes the same ``options``). Shards made by another
+    backbone, other weights or other preprocessing than the model's are refused
+    (:class:`shardformat.IncompatibleShardsError`).
     """
-    import pyarrow as pa
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
+    from stage2_classify.classifier import Classifier
 
-    run = load_run(model)
-    fs = _read(shards, run)
-    probs = _probabilities(run, fs.features)
-    top = probs.argmax(axis=1)
-    columns = {
-        "path": pa.array(fs.paths, pa.string()),
-        "label": pa.array(fs.labels, pa.string()),
-        "predicted": pa.DictionaryArray.from_arrays(pa.array(top, pa.int32()),
-                                                    pa.array(run.classes, pa.string())).cast(pa.string()),
-        "probability": pa.array(probs[np.arange(len(top)), top], pa.float32()),
-    }
-    for i, cls in enumerate(run.classes):
-        columns[f"prob_{cls}"] = pa.array(probs[:, i], pa.float32())
-    table = pa.table(columns)
-    out = os.fspath(out)
-    if out.lower().endswith(".csv"):
-        _atomic_write(lambda tmp: pacsv.write_csv(table, tmp), out)
-    else:
-        _atomic_write(lambda tmp: pq.write_table(table, tmp, compression="zstd"), out)
-    return out
+    return Classifier.load(model).predict(inputs, top_k=top_k, out=out, progress=progress, **options)
 
 
 @dataclasses.dataclass

@@ -25,6 +25,7 @@ REQUIRED = ("model.keras", "labels.json", "shard_metadata.json", "config.json", 
 FILES = REQUIRED  # older name
 KNOWN = set(REQUIRED) | {"history.json", "split.json", "split.csv", "predictions.parquet", "curves.png",
                          "confusion_matrix.png", "reliability.png"}
+KNOWN |= {"ood.npz"}  # the open-set detector (stage2_classify/ood.py)
 
 
 class RunDirError(FileNotFoundError):

@@ -13,6 +13,7 @@ import os
 
 import numpy as np
 
+from stage2_classify.ood import fit_for_run as fit_ood_for_run
 from stage2_classify.split import SPLITS, split_codes
 from stage2_classify.splitfile import split_table, write_split_csv
 
@@ -72,6 +73,7 @@ def write_run(writer, *, shards, ds, split, notes, opts, fitted, metrics, proba,
     plot_reliability(metrics[shown].get("reliability", []), metrics[shown].get("ece"),
                      writer.path("reliability.png"), title=f"reliability ({shown})")
     fitted.model.save(writer.path("model.keras"))
+    fit_ood_for_run(writer.tmp, ds, split)  # the 'unknown' flag's detector (stage2_classify/ood.py)
     return writer.commit({
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": len(ds.classes),

@@ -61,9 +61,10 @@ def test_predict_end_to_end(images, tmp_path):
     pipeline.predict(new, trained.run_dir, out, progress=False)
     table = pq.read_table(out)
     assert table.num_rows == 3
-    assert {"path", "predicted", "probability", "prob_cat", "prob_coffee", "prob_space"} <= set(table.column_names)
-    assert set(table.column("path").to_pylist()) == {"unlabelled_cat.jpg", "unlabelled_coffee.jpg",
-                                                     "unlabelled_space.jpg"}
+    assert {"path", "predicted", "probability", "top1_label", "top3_probability", "unknown", "ood_score",
+            "error"} <= set(table.column_names)
+    assert set(table.column("path").to_pylist()) == {str(new / "unlabelled_cat.jpg"), str(new / "unlabelled_coffee.jpg"),
+                                                     str(new / "unlabelled_space.jpg")}  # as given: folder + name
     assert set(table.column("predicted").to_pylist()) <= {"cat", "coffee", "space"}
 
 
@@ -72,8 +73,8 @@ def test_predict_with_a_user_onnx_model_needs_the_file(images, tmp_path):
     trained = pipeline.run(images, tmp_path / "work", onnx=tiny, train_options=TRAIN, progress=False)
     with pytest.raises(ValueError, match="--onnx"):
         pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", progress=False)
-    out = pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", onnx=tiny, progress=False)
-    assert Path(out).read_text().count("\n") == 19
+    frame = pipeline.predict(images, trained.run_dir, tmp_path / "p.csv", onnx=tiny, progress=False)
+    assert len(frame) == 18 and (tmp_path / "p.csv").read_text().count("\n") == 19
 
 
 def test_compare_two_backbones(images, tmp_path):
@@ -98,3 +99,20 @@ def test_cli(images, tmp_path):
                        cwd=REPO, timeout=600)
     assert r.returncode == 0, r.stderr
     assert "pipeline done" in r.stdout and "test accuracy" in r.stdout and "model.keras" in r.stdout
+    run_dir = tmp_path / "w" / "runs" / "efficientnet_lite0" / "latest"
+    one = sorted(images.glob("cat/*.jpg"))[0]
+    r = subprocess.run([sys.executable, "-m", "pipeline", "predict", "--images", str(one), "--model", str(run_dir),
+                        "--out", str(tmp_path / "p.csv"), "--no-progress", "--top-k", "2"], capture_output=True,
+                       text=True, cwd=REPO, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "1 predictions written" in r.stdout and "extracting" not in r.stderr
+    assert (tmp_path / "p.csv").read_text().splitlines()[1].startswith(f'"{one}",')
+
+
+def test_cli_hidden_uses_stage2s_parser():
+    from pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["run", "--images", "x", "--workdir", "w", "--hidden", "512x256"])
+    assert args.hidden == (512, 256)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "--images", "x", "--workdir", "w", "--hidden", "-3"])

@@ -48,9 +48,13 @@ def test_model_file_is_plain_keras_format_with_nothing_to_unpickle(trained):
 
 
 def test_predict_parquet_schema_and_values(shards, trained, tmp_path):
-    out = predict(shards, trained.run_dir, tmp_path / "preds.parquet")
+    out = tmp_path / "preds.parquet"
+    frame = predict(shards, trained.run_dir, out, all_probabilities=True, top_k=2)
     table = pq.read_table(out)
-    assert table.schema.names == ["path", "label", "predicted", "probability", *[f"prob_{c}" for c in CLASSES]]
+    assert table.schema.names == ["path", "label", "predicted", "probability", "top1_label", "top1_probability",
+                                  "top2_label", "top2_probability", "unknown", "ood_score",
+                                  *[f"prob_{c}" for c in CLASSES], "error"]
+    assert table.to_pandas().equals(frame.astype(table.to_pandas().dtypes))
     assert table.schema.field("path").type == pa.string() and table.schema.field("predicted").type == pa.string()
     assert all(table.schema.field(f"prob_{c}").type == pa.float32() for c in CLASSES)
     assert table.num_rows == 125  # every row, labelled or not
@@ -68,8 +72,11 @@ def test_predict_parquet_schema_and_values(shards, trained, tmp_path):
 
 
 def test_predict_csv_when_the_name_ends_in_csv(shards, trained, tmp_path):
-    out = predict(shards, trained.run_dir, tmp_path / "sub" / "preds.CSV")
-    assert Path(out).read_text().splitlines()[0].startswith('"path","label","predicted","probability","prob_class_0"')
+    out = tmp_path / "sub" / "preds.CSV"
+    predict(shards, trained.run_dir, out)
+    assert Path(out).read_text().splitlines()[0] == (
+        '"path","label","predicted","probability","top1_label","top1_probability","top2_label","top2_probability",'
+        '"top3_label","top3_probability","unknown","ood_score","error"')
     table = pacsv.read_csv(out)
     assert table.num_rows == 125
     assert not [p for p in (tmp_path / "sub").iterdir() if p.name.startswith(".tmp-")]

@@ -53,7 +53,10 @@ def test_every_subcommand_has_help(capsys):
         assert exit_.value.code == 0
         out = capsys.readouterr().out
         assert out.startswith(f"usage: stage2-classify {command}") and "--shards" in out
-    assert "train,evaluate,predict,sweep" in build_parser().format_help()
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "--precision" in capsys.readouterr().out
+    assert "train,evaluate,predict,export,sweep" in build_parser().format_help()
 
 
 def test_help_is_instant_and_both_entry_points_work():
