@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -53,20 +52,12 @@ class OpenSetDetector:
         return np.asarray(scores) > self.threshold
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically (temporary file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}-", suffix=".npz")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, whitening=self.whitening, centres=self.centres,
-                         threshold=np.float64(self.threshold), info=np.asarray(json.dumps(self.info)))
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """Write atomically (shardformat's writer: temporary name, fsync, rename; a full disk names the file)."""
+        from shardformat.files import atomic_write
+
+        atomic_write(path, lambda fh: np.savez(fh, whitening=self.whitening, centres=self.centres,
+                                               threshold=np.float64(self.threshold),
+                                               info=np.asarray(json.dumps(self.info))))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "OpenSetDetector":
