@@ -38,6 +38,7 @@ class ExtractSummary:
     out: str
     backbone: str
     provider: str
+    images_root: str = ""  # what shard paths are relative to (the data doctor's report finds thumbnails there)
     listed: int = 0
     extracted: int = 0
     already_done: int = 0
@@ -296,6 +297,7 @@ def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, pro
         first = (listing_errors or plan.known_errors)[0]
         write_errors(out, listing_errors + plan.known_errors)
         raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
+    summary.images_root = listing.root
     return plan, listing_errors, listing_known, summary
 
 

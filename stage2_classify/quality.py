@@ -6,10 +6,14 @@ and writes the files; everything that decides what is flagged lives here, vector
 
 from __future__ import annotations
 
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
-from stage2_classify.neighbours import Neighbours
+import numpy as np
+
+if TYPE_CHECKING:  # pandas is imported where used, so the CLI's --help (which reads the defaults here) stays fast
+    import pandas as pd
+
+    from stage2_classify.neighbours import Neighbours
 
 # Cosine similarity above which two different files count as near-duplicates. Measured on EfficientNet-Lite0
 # vectors (tests/test_doctor_real.py): re-encoded, brightened, shifted or noised copies of an image score
@@ -35,6 +39,8 @@ def label_issues(paths: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
 
     ``y`` holds class indices into ``classes`` and ``probs`` the (n, k) out-of-fold probabilities.
     """
+    import pandas as pd
+
     from cleanlab.filter import find_label_issues
     from cleanlab.rank import get_label_quality_scores
 
@@ -53,6 +59,8 @@ def label_issues(paths: np.ndarray, y: np.ndarray, probs: np.ndarray, classes: l
 
 
 def _pairs_frame(a: np.ndarray, b: np.ndarray, kind: str, similarity: np.ndarray, paths, labels, splits):
+    import pandas as pd
+
     la, lb, sa, sb = labels[a], labels[b], splits[a], splits[b]
     return pd.DataFrame({
         "path_a": paths[a], "path_b": paths[b], "kind": kind, "similarity": similarity.astype(np.float64),
@@ -68,6 +76,8 @@ def exact_duplicates(content_ids: np.ndarray, paths: np.ndarray, labels: np.ndar
 
     Groups whose labels disagree come first. Returns the pairs and counts (groups, conflicting groups, files).
     """
+    import pandas as pd
+
     _, codes, counts = np.unique(content_ids.astype(str), return_inverse=True, return_counts=True)
     codes = codes.reshape(-1)
     in_group = counts[codes] > 1
@@ -95,6 +105,8 @@ def near_duplicates(nb: Neighbours, threshold: float, content_ids: np.ndarray, p
     Reading pairs from the k-nearest-neighbour graph bounds the list at k pairs per image, so a folder of
     near-identical frames cannot flood it; byte-identical pairs are left to :func:`exact_duplicates`.
     """
+    import pandas as pd
+
     n, k = nb.indices.shape
     i = np.repeat(np.arange(n, dtype=np.int64), k)
     j = nb.indices.reshape(-1)

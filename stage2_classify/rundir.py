@@ -24,6 +24,8 @@ REQUIRED = ("model.keras", "labels.json", "shard_metadata.json", "config.json", 
 FILES = REQUIRED  # older name
 KNOWN = set(REQUIRED) | {"history.json", "split.json", "curves.png", "confusion_matrix.png"}
 
+KNOWN |= {"report.html"}  # stage2_classify.run_report writes it into the run directory
+
 
 class RunDirError(FileNotFoundError):
     """Not a complete stage-2 run directory, or a directory training must not replace."""
