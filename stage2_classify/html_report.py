@@ -172,10 +172,10 @@ class Thumbnails:
     def problems(self) -> list[str]:
         out = []
         if self.missing:
-            out.append(f"{len(self.missing)} image files are missing under {self.root} (e.g. {self.missing[0]}); "
+            out.append(f"missing image files: {len(self.missing)} under {self.root} (e.g. {self.missing[0]}); "
                        "their thumbnails are left out")
         if self.unreadable:
-            out.append(f"{len(self.unreadable)} images could not be previewed (e.g. {self.unreadable[0]})")
+            out.append(f"images that could not be previewed: {len(self.unreadable)} (e.g. {self.unreadable[0]})")
         return out
 
 

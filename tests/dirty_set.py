@@ -26,6 +26,7 @@ class DirtySet:
     flipped: dict[str, str]  # path as in the shards -> the true class
     exact_copies: list[tuple[str, str]]  # (original, byte-identical copy under another class)
     altered_copies: list[tuple[str, str]]  # (original, slightly altered copy); the copy may sit in another class
+    outliers: list[str]  # photographs that are no animal silhouette at all, filed under some class
     classes: list[str]
 
 
@@ -49,8 +50,11 @@ def _alter(img: Image.Image, kind: int) -> Image.Image:
     return Image.open(io.BytesIO(buf.getvalue())).convert(img.mode)
 
 
+OUTLIER_PHOTOS = ("coffee", "rocket", "astronaut")  # scikit-image's bundled photographs
+
+
 def make_dirty_animals(root: Path, per_class: int = 40, classes: int = 10, n_flipped: int = 20,
-                       n_exact: int = 6, n_altered: int = 12, seed: int = 0) -> DirtySet:
+                       n_exact: int = 6, n_altered: int = 12, n_outliers: int = 3, seed: int = 0) -> DirtySet:
     prep = _prepare_module()
     source = prep.find_source_dir()
     labels = prep.load_array(source / prep.LABEL_FILE)
@@ -91,4 +95,11 @@ def make_dirty_animals(root: Path, per_class: int = 40, classes: int = 10, n_fli
         rel = f"{folder}/altered_{c}_{i:05d}.png"
         _alter(Image.fromarray(images[i]), n % 3).save(root / rel)
         altered.append((where[(c, i)], rel))
-    return DirtySet(root, flipped, exact, altered, names)
+    outliers = []
+    for name in OUTLIER_PHOTOS[:n_outliers]:
+        from skimage import data
+
+        rel = f"{names[int(rng.integers(len(names)))]}/odd_{name}.png"
+        Image.fromarray(getattr(data, name)()).convert("L").resize(images.shape[1:][::-1]).save(root / rel)
+        outliers.append(rel)
+    return DirtySet(root, flipped, exact, altered, outliers, names)

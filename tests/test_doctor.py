@@ -185,7 +185,7 @@ def test_report_without_image_files_says_so(planted, tmp_path):
     parser.feed(text)
     assert {"summary", "label-issues", "duplicates", "outliers", "map", "method"} <= parser.ids
     assert parser.remote == []  # self-contained: nothing fetched
-    assert "image files are missing" in text and "file missing" in text
+    assert "missing image files:" in text and "file missing" in text
     assert "<svg" in text and "label issue" in text
 
 
