@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
             names = [b.strip() for b in args.backbones.split(",") if b.strip()]
             rows = pipeline.compare(args.images, names, args.workdir, train_options=_collect(args, TRAIN), **common)
             print(format_table(rows))
+            if rows:
+                print(f"every backbone trained and tested on one split: {rows[0]['split_file']}")
             print(f"table: {args.workdir}/compare.csv  chart: {args.workdir}/compare.png")
     except KeyboardInterrupt:
         print("interrupted: finished work is kept; rerun to resume", file=sys.stderr)

@@ -120,7 +120,7 @@ def run(
                           engine=engine, ray_address=ray_address, progress=progress, **(stage1_options or {}))
     t1 = time.perf_counter()
     run_dir = os.path.join(os.fspath(workdir), "runs", Path(fdir).name, run_name or "latest")
-    result = stage2_classify.train(fdir, run_dir, verbose=2 if progress else 0, **(train_options or {}))
+    result = stage2_classify.train(fdir, run_dir, progress=progress, **(train_options or {}))
     t2 = time.perf_counter()
     return PipelineResult(
         backbone=Path(fdir).name,
@@ -190,14 +190,19 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Extract with each backbone (cached), train the same head on each, and write a table and a bar chart.
 
-    An entry ending in ``.onnx`` is a user model (its input size must be fixed in the model).
-    Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
+    Every backbone is trained and tested on one split: the first backbone's content-keyed split, frozen
+    in its ``split.csv`` and passed to the others (or the ``split_file`` in ``train_options``), so their
+    numbers differ only by the backbone. An entry ending in ``.onnx`` is a user model (its input size must be
+    fixed in the model). Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
     """
     rows = []
+    options = dict(train_options or {})
     for entry in backbones:
         kw = {"onnx": entry} if entry.endswith(".onnx") else {"backbone": entry}
         result = run(images, workdir, engine=engine, ray_address=ray_address, stage1_options=stage1_options,
-                     train_options=train_options, progress=progress, **kw)
+                     train_options=options, progress=progress, **kw)
+        if not options.get("split_file"):
+            options["split_file"] = os.path.join(result.run_dir, "split.csv")
         val, test = result.metrics.get("validation", {}), result.metrics.get("test", {})
         rows.append({
             "backbone": result.backbone,
@@ -208,6 +213,7 @@ def compare(
             "extract_images_per_second": result.extraction.get("images_per_second"),
             "train_seconds": round(result.seconds["train"], 2),
             "run_dir": result.run_dir,
+            "split_file": options["split_file"],
         })
     from pipeline.report import write_comparison
 

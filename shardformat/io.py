@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import uuid
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -21,6 +22,7 @@ import pyarrow.parquet as pq
 from shardformat.schema import (
     INDEX_COLUMNS,
     METADATA_KEY,
+    OPTIONAL_COLUMNS,
     SHARD_PREFIX,
     IncompatibleShardsError,
     ShardFormatError,
@@ -125,14 +127,22 @@ def write_shard(
     file_sizes: Sequence[int],
     mtimes_ns: Sequence[int],
     features: np.ndarray,
+    groups: Sequence[str | None] | None = None,
 ) -> str:
-    """Atomically write one shard ``directory/name`` and return its full path."""
+    """Atomically write one shard ``directory/name`` and return its full path.
+
+    ``groups`` (optional, e.g. a patient id per image) keeps related images together when stage 2 splits
+    the data; None writes a null group for every row.
+    """
     if not name.startswith(SHARD_PREFIX) or not name.endswith(".parquet"):
         raise ValueError(f"shard names must look like '{SHARD_PREFIX}*.parquet', got {name!r}")
     features = np.ascontiguousarray(features, dtype=np.float16 if meta.feature_dtype == "float16" else np.float32)
     n = len(paths)
     if features.shape != (n, meta.feature_dim):
         raise ValueError(f"features have shape {features.shape}, expected ({n}, {meta.feature_dim})")
+    groups = [None] * n if groups is None else [None if g is None or g == "" else str(g) for g in groups]
+    if len(groups) != n:
+        raise ValueError(f"{len(groups)} groups for {n} rows")
     schema = shard_schema(meta)
     feature_type = schema.field("feature").type
     flat = pa.array(features.reshape(-1), type=feature_type.value_type)
@@ -143,6 +153,7 @@ def write_shard(
             pa.array(list(content_ids), pa.string()),
             pa.array(np.asarray(file_sizes, dtype=np.int64)),
             pa.array(np.asarray(mtimes_ns, dtype=np.int64)),
+            pa.array(groups, pa.string()),
             pa.FixedSizeListArray.from_arrays(flat, type=feature_type),
         ],
         schema=schema,
@@ -191,6 +202,8 @@ def _meta_of(schema: pa.Schema, where: str) -> ShardMetadata:
         raise ShardFormatError(f"{where}: {exc}") from None
     expected = shard_schema(meta)
     for field in expected:
+        if field.name in OPTIONAL_COLUMNS and field.name not in schema.names:
+            continue  # written before the column existed: reads as all null
         if field.name not in schema.names or schema.field(field.name).type != field.type:
             got = schema.field(field.name).type if field.name in schema.names else "missing"
             raise ShardFormatError(f"{where}: column {field.name!r} should be {field.type}, found {got}")
@@ -230,9 +243,21 @@ class FeatureSet:
     features: np.ndarray  # (n, dim) float32
     metadata: ShardMetadata | None
     shard_files: list[str]
+    groups: np.ndarray | None = None  # object array of str or None (None: no shard has a group)
+    duplicate_rows_dropped: int = 0  # rows that repeated a path and were left out (see read_features)
+
+    def __post_init__(self) -> None:
+        if self.groups is None:
+            self.groups = np.full(len(self.paths), None, dtype=object)
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def take(self, rows: np.ndarray) -> "FeatureSet":
+        """The rows ``rows`` (indices or a boolean mask), in that order."""
+        return dataclasses.replace(self, paths=self.paths[rows], labels=self.labels[rows],
+                                   content_ids=self.content_ids[rows], features=self.features[rows],
+                                   groups=self.groups[rows])
 
 
 def _copy_features(column: pa.ChunkedArray, dim: int, out: np.ndarray) -> None:
@@ -247,14 +272,23 @@ def _copy_features(column: pa.ChunkedArray, dim: int, out: np.ndarray) -> None:
         row += n
 
 
-def _read_tables(directory, columns: list[str] | None) -> tuple[list[pa.Table], list[str], ShardMetadata | None]:
+def _with_optional_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
+    """``table`` restricted to ``columns``, adding all-null optional columns an older shard lacks."""
+    for name in columns:
+        if name not in table.column_names and name in OPTIONAL_COLUMNS:
+            table = table.append_column(name, pa.nulls(table.num_rows, OPTIONAL_COLUMNS[name]))
+    return table.select(list(columns))
+
+
+def _read_tables(directory, columns: list[str]) -> tuple[list[pa.Table], list[str], ShardMetadata | None]:
     fs, _ = resolve(directory)
     files = list_shards(directory)
     tables, metas = [], []
     for path in files:
         pf = _open(fs, path)
         metas.append((path, _meta_of(pf.schema_arrow, path)))
-        tables.append(pf.read(columns=columns, use_threads=True))
+        present = [c for c in columns if c in pf.schema_arrow.names]
+        tables.append(_with_optional_columns(pf.read(columns=present, use_threads=True), columns))
     meta = _check_compatible(metas)
     return tables, files, meta
 
@@ -293,18 +327,53 @@ def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None 
         if not np.isfinite(block).all():
             bad = int((~np.isfinite(block).all(axis=1)).sum())
             raise ShardFormatError(f"{opened[i][0]}: {bad} feature vector(s) hold NaN or infinity; re-extract it")
-        return table.select(["path", "label", "content_id"])
+        return _with_optional_columns(table, ROW_COLUMNS)
 
     workers = threads or min(8, os.cpu_count() or 1, max(1, len(opened)))
     with ThreadPoolExecutor(max_workers=workers) as pool:
         small = list(pool.map(load, range(len(opened))))
     if small:
         table = pa.concat_tables([t.replace_schema_metadata(None) for t in small])
-        columns = [np.asarray(table.column(c).to_pylist(), dtype=object) for c in ("path", "label", "content_id")]
+        columns = [np.asarray(table.column(c).to_pylist(), dtype=object) for c in ROW_COLUMNS]
     else:
-        columns = [np.array([], dtype=object)] * 3
-    return FeatureSet(paths=columns[0], labels=columns[1], content_ids=columns[2], features=features,
-                      metadata=meta, shard_files=files)
+        columns = [np.array([], dtype=object)] * len(ROW_COLUMNS)
+    rows = FeatureSet(paths=columns[0], labels=columns[1], content_ids=columns[2], groups=columns[3],
+                      features=features, metadata=meta, shard_files=files)
+    return _drop_repeated_paths(rows, np.repeat(np.arange(len(files)), counts), directory)
+
+
+ROW_COLUMNS = ["path", "label", "content_id", "group"]
+
+
+def _drop_repeated_paths(rows: FeatureSet, shard_of_row: np.ndarray, directory) -> FeatureSet:
+    """Exactly once per path: when rows repeat a path, keep the one from the newest shard.
+
+    Stage 1 leaves a path in two shards only when a run stopped between writing new shards and removing
+    the rows they replace, or when a shard file was copied; shard names sort by run, so the last file holds
+    the newest row. Different paths with the same content are *not* repeats: they are exact-duplicate
+    images, kept here and held in one split by stage 2.
+    """
+    n = len(rows)
+    if n == 0:
+        return rows
+    paths = rows.paths.astype(str)
+    # Newest shard first, then row order within a shard; np.unique keeps the first row of each path.
+    order = np.lexsort((np.arange(n), -shard_of_row))
+    _, first = np.unique(paths[order], return_index=True)
+    if len(first) == n:
+        return rows
+    keep = np.sort(order[first])
+    dropped = n - len(keep)
+    counts = np.unique(paths, return_counts=True)
+    example = counts[0][np.argmax(counts[1])]
+    warnings.warn(
+        f"{directory}: {dropped} row(s) repeat a path already in a newer shard (e.g. {example!r}); "
+        "kept the newest row of each. Rerun stage1-extract on this directory to repair the shards.",
+        stacklevel=3,
+    )
+    out = rows.take(keep)
+    out.duplicate_rows_dropped = dropped
+    return out
 
 
 def read_index(directory: str | os.PathLike) -> tuple[pa.Table, ShardMetadata | None]:
@@ -316,6 +385,7 @@ def read_index(directory: str | os.PathLike) -> tuple[pa.Table, ShardMetadata | 
     ]
     if not parts:
         empty = pa.schema([(c, pa.string()) for c in ("path", "label", "content_id")]
-                          + [("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("shard", pa.string())])
+                          + [("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("group", pa.string()),
+                             ("shard", pa.string())])
         return empty.empty_table(), meta
     return pa.concat_tables(parts), meta

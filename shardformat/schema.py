@@ -108,6 +108,7 @@ def shard_schema(meta: ShardMetadata) -> pa.Schema:
             pa.field("content_id", pa.string(), nullable=False),
             pa.field("file_size", pa.int64(), nullable=False),
             pa.field("mtime_ns", pa.int64(), nullable=False),
+            pa.field("group", pa.string(), nullable=True),
             pa.field(
                 "feature",
                 pa.list_(pa.field("item", FEATURE_DTYPES[meta.feature_dtype], nullable=False), meta.feature_dim),
@@ -118,4 +119,7 @@ def shard_schema(meta: ShardMetadata) -> pa.Schema:
     )
 
 
-INDEX_COLUMNS = ["path", "label", "content_id", "file_size", "mtime_ns"]
+INDEX_COLUMNS = ["path", "label", "content_id", "file_size", "mtime_ns", "group"]
+#: Columns added after version 1 was first released: optional on read (a shard without one reads as all null),
+#: always written. Adding a nullable column keeps every older shard readable, so the format version stays 1.
+OPTIONAL_COLUMNS = {"group": pa.string()}

@@ -26,7 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         "  stage1-extract --list-backbones",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--images", help="class-folder tree (folder = label), flat folder, or CSV/Parquet list with 'path' [and 'label']")
+    p.add_argument("--images", help="class-folder tree (folder = label), flat folder, or CSV/Parquet list with 'path' "
+                   "[, 'label', 'group']")
+    p.add_argument("--group-regex", default=None,
+                   help="folder inputs: a regex with one capture group, searched in each relative path, giving the "
+                   r"image's group (e.g. a patient: '(patient\d+)'); stage 2 never splits a group")
     p.add_argument("--out", help="output directory for the shards (created if needed)")
     p.add_argument("--backbone", default=None, help="registry name (default efficientnet_lite0; see --list-backbones)")
     p.add_argument("--weights", default=None, help="state_dict file for the backbone (torch.load weights_only)")
@@ -90,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             interpolation=args.interpolation, batch_size=args.batch_size, provider=args.provider,
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
             shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
+            group_regex=args.group_regex,
         )
     except KeyboardInterrupt:
         print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)

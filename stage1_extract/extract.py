@@ -50,6 +50,7 @@ class ExtractSummary:
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
     empty_classes: list[str] = dataclasses.field(default_factory=list)
     shards_written: int = 0
+    ungrouped: int = 0  # paths --group-regex did not match
 
     @property
     def errors(self) -> int:
@@ -77,6 +78,8 @@ class ExtractSummary:
             lines.append(f"  see {os.path.join(self.out, '_errors.parquet')} for the failed files and why")
         if self.empty_classes:
             lines.append(f"  empty class folders (ignored): {', '.join(self.empty_classes)}")
+        if self.ungrouped:
+            lines.append(f"  {self.ungrouped} path(s) did not match --group-regex: each is its own group")
         return "\n".join(lines)
 
 
@@ -184,6 +187,7 @@ def extract(
     draft: bool = False,
     decode: str = "cpu",
     progress: bool = True,
+    group_regex: str | None = None,
 ) -> ExtractSummary:
     """Extract pooled features for every image under ``images`` into Parquet shards in ``out``.
 
@@ -193,6 +197,9 @@ def extract(
 
     ``decode="cpu"`` decodes with PIL in worker processes; ``decode="gpu"`` decodes JPEGs with nvJPEG and
     resizes on the GPU (other files fall back to PIL), which lifts the decode wall on GPU machines.
+
+    Each image's ``group`` (e.g. a patient) comes from a file list's ``group`` column, or from ``group_regex``
+    (one capture group, searched in the relative path); stage 2 never splits a group.
     """
     if decode not in DECODERS:
         raise ValueError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
@@ -205,7 +212,7 @@ def extract(
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = list_images(images)
+    listing = list_images(images, group_regex=group_regex)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
@@ -249,7 +256,7 @@ def extract(
                                 )
                             writer.add([r.path for r in recs], [r.label for r in recs],
                                        [it.content_id for it in ok], [it.file_size for it in ok],
-                                       [it.mtime_ns for it in ok], feats)
+                                       [it.mtime_ns for it in ok], feats, groups=[r.group for r in recs])
                         bar.update(len(batch.items))
                         bar.set_postfix(errors=len(new_errors), refresh=False)
                         t_wait = time.perf_counter()
@@ -292,7 +299,7 @@ def _open_run(out: str, model: ExtractorModel, meta: ShardMetadata, listing, pro
     listing_known = sum(e["path"] in seen_before for e in listing_errors)
     summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider, listed=len(listing.records),
                              already_done=plan.done, errors_known=len(plan.known_errors) + listing_known,
-                             empty_classes=listing.empty_classes)
+                             empty_classes=listing.empty_classes, ungrouped=listing.ungrouped)
     if strict and (listing_errors or plan.known_errors):
         first = (listing_errors or plan.known_errors)[0]
         write_errors(out, listing_errors + plan.known_errors)

@@ -1,6 +1,6 @@
 """Incremental planning: what is already extracted, what must be (re)done, which old rows must go.
 
-A listed file is *done* when a shard row has its path and label and the file is unchanged: same size and
+A listed file is *done* when a shard row has its path, label and group and the file is unchanged: same size and
 mtime, or — when only the mtime moved — the same content hash. Among several valid rows for a path (a run
 killed between writing a new shard and compacting old ones) the newest shard wins. Every other row is
 *stale* and is removed by :func:`compact` once the run has finished, which restores exactly-once.
@@ -61,7 +61,7 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict]) -
             continue
         digest = None
         for row in sorted(rows, key=lambda r: r["shard"], reverse=True):
-            if row["label"] != rec.label or row["file_size"] != st[0]:
+            if row["label"] != rec.label or row.get("group") != rec.group or row["file_size"] != st[0]:
                 continue
             if row["mtime_ns"] != st[1]:
                 digest = digest or _hash_file(rec.abspath)

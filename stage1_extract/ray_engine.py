@@ -38,7 +38,8 @@ INSTALL_HINT = "pip install hybrid-transfer[ray]"
 #: images per decode task (upper bound); small enough to spread a modest collection over every CPU
 MAX_DECODE_BLOCK = 256
 
-ITEMS_SCHEMA = pa.schema([("path", pa.string()), ("abspath", pa.string()), ("label", pa.string())])
+ITEMS_SCHEMA = pa.schema([("path", pa.string()), ("abspath", pa.string()), ("label", pa.string()),
+                          ("group", pa.string())])
 _ID_FIELDS = [("path", pa.string()), ("label", pa.string()), ("content_id", pa.string()),
               ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("reason", pa.string())]
 RESULT_SCHEMA = pa.schema([f for f in _ID_FIELDS if f[0] != "label"] + [
@@ -111,6 +112,7 @@ def decode_block(batch: pa.Table, *, prep: dict, draft: bool) -> pa.Table:
     return pa.table({
         "path": batch.column("path"),
         "label": batch.column("label"),
+        "group": batch.column("group"),
         "content_id": pa.array(cids, pa.string()),
         "file_size": pa.array(sizes, pa.int64()),
         "mtime_ns": pa.array(mtimes, pa.int64()),
@@ -201,7 +203,7 @@ def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.
         try:
             shard = write_shard(
                 out, shard_name(stamp, paths), meta,
-                paths=paths, labels=rows.column("label").to_pylist(),
+                paths=paths, labels=rows.column("label").to_pylist(), groups=rows.column("group").to_pylist(),
                 content_ids=rows.column("content_id").to_pylist(),
                 file_sizes=rows.column("file_size").to_numpy(), mtimes_ns=rows.column("mtime_ns").to_numpy(),
                 features=_features_numpy(rows.column("feature"), meta.feature_dim),
@@ -358,6 +360,7 @@ def extract_ray(
     draft: bool = False,
     decode: str = "cpu",
     progress: bool = True,
+    group_regex: str | None = None,
 ):
     """:func:`stage1_extract.extract` on a Ray cluster; same options, same output, same summary.
 
@@ -390,7 +393,7 @@ def extract_ray(
     model = prepare_model(backbone, weights=weights, onnx=onnx, precision=precision, input_size=input_size,
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
-    listing = list_images(images)
+    listing = list_images(images, group_regex=group_regex)
     with OutputLock(out) if "://" not in out else _nullcontext():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
@@ -408,7 +411,8 @@ def extract_ray(
                 rows_per_block = _decode_block_rows(len(todo), ray.cluster_resources().get("CPU", 1))
                 blocks = [
                     pa.table({"path": [r.path for r in chunk], "abspath": [r.abspath for r in chunk],
-                              "label": [r.label for r in chunk]}, schema=ITEMS_SCHEMA)
+                              "label": [r.label for r in chunk], "group": [r.group for r in chunk]},
+                             schema=ITEMS_SCHEMA)
                     for chunk in (todo[i:i + rows_per_block] for i in range(0, len(todo), rows_per_block))
                 ]
                 with open(model.onnx_path, "rb") as fh:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from pathlib import Path
 
 IMAGE_EXTENSIONS = {
@@ -21,6 +22,7 @@ class ImageRecord:
     path: str  # relative to the input root, POSIX separators: the key in every shard
     abspath: str
     label: str | None
+    group: str | None = None  # e.g. a patient id: stage 2 never splits a group across train/val/test
 
 
 @dataclasses.dataclass
@@ -31,6 +33,7 @@ class Listing:
     problems: list[tuple[str, str]]  # (path, reason)
     empty_classes: list[str]
     ignored: int = 0  # hidden files
+    ungrouped: int = 0  # paths that --group-regex did not match (they get no group)
 
 
 def _printable(name: str) -> str | None:
@@ -103,11 +106,46 @@ def _split_images(files, problems) -> list[tuple[str, str]]:
     return kept
 
 
-def list_images(images: str | os.PathLike) -> Listing:
-    """List the input. A folder with sub-folders is a class-folder tree (folder name = label)."""
+def compile_group_regex(pattern: str | None) -> re.Pattern | None:
+    """``--group-regex``: a regular expression with exactly one capture group, searched in each relative path."""
+    if pattern is None:
+        return None
+    try:
+        regex = re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
+    if regex.groups != 1:
+        raise ValueError(f"--group-regex {pattern!r} needs exactly one capture group (found {regex.groups}), "
+                         r"e.g. '(patient\d+)_' to group 'cat/patient07_scan2.png' as 'patient07'")
+    return regex
+
+
+def _apply_group_regex(listing: "Listing", regex: re.Pattern | None) -> "Listing":
+    if regex is None:
+        return listing
+    records = []
+    for r in listing.records:
+        found = regex.search(r.path)
+        group = found.group(1) if found and found.group(1) else None
+        listing.ungrouped += group is None
+        records.append(dataclasses.replace(r, group=group))
+    listing.records = records
+    return listing
+
+
+def list_images(images: str | os.PathLike, *, group_regex: str | None = None) -> Listing:
+    """List the input. A folder with sub-folders is a class-folder tree (folder name = label).
+
+    Groups (e.g. patients) come from a file list's ``group`` column, or from ``group_regex`` (one capture
+    group, searched in each relative path) for folders.
+    """
+    regex = compile_group_regex(group_regex)
     root = Path(images).expanduser()
     if root.is_file():
-        return _list_file(root)
+        listing = _list_file(root)
+        if regex is not None and any(r.group is not None for r in listing.records):
+            raise ValueError(f"--images {root}: the file list has a 'group' column; drop --group-regex or the column")
+        return _apply_group_regex(listing, regex)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: no such file or folder")
     root = root.resolve()
@@ -139,7 +177,7 @@ def list_images(images: str | os.PathLike) -> Listing:
         records = [ImageRecord(rel, abspath, None) for rel, abspath in files]
         layout = "flat"
     records.sort(key=lambda r: r.path)
-    return Listing(str(root), layout, records, problems, empty)
+    return _apply_group_regex(Listing(str(root), layout, records, problems, empty), regex)
 
 
 def _list_file(path: Path) -> Listing:
@@ -152,7 +190,7 @@ def _list_file(path: Path) -> Listing:
             table = pq.read_table(path)
         elif suffix in (".csv", ".tsv", ".txt"):
             opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            conv = pacsv.ConvertOptions(column_types={"path": "string", "label": "string"})
+            conv = pacsv.ConvertOptions(column_types={"path": "string", "label": "string", "group": "string"})
             table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
         else:
             raise ValueError(f"--images {path}: a file list must be .csv, .tsv or .parquet")
@@ -164,9 +202,10 @@ def _list_file(path: Path) -> Listing:
         raise ValueError(f"--images {path}: the file list needs a 'path' column (found {table.column_names})")
     paths = table.column("path").to_pylist()
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
+    groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(paths)
     base = path.parent.resolve()
     records, problems, seen_paths = [], [], set()
-    for p, label in zip(paths, labels):
+    for p, label, group in zip(paths, labels, groups):
         if p is None or p == "":
             problems.append(("(empty)", "file list row with an empty path"))
             continue
@@ -184,6 +223,7 @@ def _list_file(path: Path) -> Listing:
         if not os.path.isfile(abspath):  # a FIFO or device: reading it could block or never end
             problems.append((p, "not a regular file"))
             continue
-        records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label)))
+        records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label),
+                                   None if group is None or group == "" else str(group)))
     records.sort(key=lambda r: r.path)
     return Listing(str(base), "file-list", records, problems, [])

@@ -44,7 +44,8 @@ class ShardWriter:
         self.max_seconds = max_seconds
         self.stamp = stamp or run_stamp()
         self._seq = 0
-        self._rows: dict[str, list] = {k: [] for k in ("paths", "labels", "content_ids", "file_sizes", "mtimes_ns")}
+        self._rows: dict[str, list] = {k: [] for k in ("paths", "labels", "content_ids", "file_sizes", "mtimes_ns",
+                                                       "groups")}
         self._features: list[np.ndarray] = []
         self._n = 0
         self._first_row_at: float | None = None
@@ -79,11 +80,12 @@ class ShardWriter:
             exc, self._error = self._error, None
             raise ShardWriteError(getattr(exc, "errno", None), f"writing a shard in {self.out} failed: {exc}") from exc
 
-    def add(self, paths, labels, content_ids, file_sizes, mtimes_ns, features: np.ndarray) -> None:
+    def add(self, paths, labels, content_ids, file_sizes, mtimes_ns, features: np.ndarray, groups=None) -> None:
         self._raise_if_failed()
         if self._first_row_at is None:
             self._first_row_at = time.monotonic()
-        for key, values in zip(self._rows, (paths, labels, content_ids, file_sizes, mtimes_ns)):
+        groups = [None] * len(paths) if groups is None else groups
+        for key, values in zip(self._rows, (paths, labels, content_ids, file_sizes, mtimes_ns, groups)):
             self._rows[key].extend(values)
         self._features.append(np.asarray(features, dtype=np.float32))
         self._n += len(paths)

@@ -2,11 +2,12 @@
 
 Public API::
 
-    from stage2_classify import train, evaluate, predict, sweep
-    result = train("features/", "runs/first")          # model.keras, metrics.json, plots
-    evaluate("other_features/", "runs/first")          # metrics on labelled shards
+    from stage2_classify import train, evaluate, predict, sweep, cross_validate
+    result = train("features/", "runs/first")          # model.keras, metrics.json, split.csv, plots
+    evaluate("other_features/", "runs/first")          # metrics on labelled shards (warns if not held out)
     predict("new_features/", "runs/first", "preds.csv")
     rows = sweep("features/", "sweeps/a", hidden=[(), (256,), (512,)], dropout=[0.2, 0.4])
+    cv = cross_validate("features/", "cv/a", folds=5)  # out-of-fold probabilities for every image
 
 It reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images.
 Keras runs on its torch backend: importing this package sets ``KERAS_BACKEND=torch`` unless it is set.
@@ -52,8 +53,9 @@ if "keras" in sys.modules:  # imported before us: refuse now rather than fail ob
 from stage2_classify.data import Dataset, DatasetError, load_dataset  # noqa: E402
 from stage2_classify.rundir import RunDirError  # noqa: E402
 from stage2_classify.train import TrainOptions, TrainResult, train  # noqa: E402
-from stage2_classify.predict import evaluate, load_run, predict  # noqa: E402
+from stage2_classify.predict import EvaluationResult, evaluate, load_run, predict  # noqa: E402
 from stage2_classify.sweep import sweep  # noqa: E402
+from stage2_classify.cv import CVResult, cross_validate  # noqa: E402
 
-__all__ = ["BackendError", "Dataset", "DatasetError", "RunDirError", "TrainOptions", "TrainResult", "evaluate",
-           "load_dataset", "load_run", "predict", "sweep", "train"]
+__all__ = ["BackendError", "CVResult", "Dataset", "DatasetError", "EvaluationResult", "RunDirError", "TrainOptions",
+           "TrainResult", "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep", "train"]

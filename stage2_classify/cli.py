@@ -1,4 +1,4 @@
-"""``stage2-classify``: train / evaluate / predict / sweep on feature shards.
+"""``stage2-classify``: train / evaluate / predict / sweep / cv on feature shards.
 
 Keras and torch are imported only once a command runs, so ``--help`` is instant.
 """
@@ -15,6 +15,8 @@ EPILOG = """examples:
   stage2-classify evaluate --shards other_feats --model work/runs/first --out metrics.json
   stage2-classify predict  --shards new_feats --model work/runs/first --out predictions.csv
   stage2-classify sweep    --shards feats --out sweeps/a --hidden 0,256,512,512x256 --dropout 0.2,0.4
+  stage2-classify cv       --shards feats --out cv/a --folds 5
+  stage2-classify train    --shards other_backbone_feats --out runs/b --split-file work/runs/first/split.csv
   stage2-classify doctor   --shards feats --out doctor --run work/runs/first
 """
 
@@ -59,11 +61,13 @@ def _common_training(p: argparse.ArgumentParser) -> None:
                    help="epochs without a better validation loss before stopping; the best weights are restored "
                    "(default 5)")
     p.add_argument("--seed", type=int, default=0, help="seeds the split and the training: same seed, same numbers")
-    p.add_argument("--val-fraction", type=_fraction, default=0.15, help="per class (default 0.15)")
-    p.add_argument("--test-fraction", type=_fraction, default=0.15, help="per class (default 0.15)")
+    p.add_argument("--val-fraction", type=_fraction, default=0.15,
+                   help="share of images (or groups) for validation (default 0.15)")
+    p.add_argument("--test-fraction", type=_fraction, default=0.15,
+                   help="share of images (or groups) for test (default 0.15)")
     p.add_argument("--split-file", default=None,
-                   help="CSV or Parquet with columns path,split (train/val/test) instead of a random split; "
-                   "paths as in the shards")
+                   help="freeze the split: a run's split.csv (matched by content_id, then path), or CSV/Parquet "
+                   "with columns path,split (train/val/test); instead of the content-keyed split")
     p.add_argument("--class-weight", choices=["auto", "balanced", "none"], default="auto",
                    help="auto (default): balanced weights when the largest class is more than 1.5x the smallest")
     p.add_argument("--matmul-precision", choices=["highest", "high", "medium"], default="highest",
@@ -78,11 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and use a Keras dense classifier (torch backend) on cached feature shards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,sweep,doctor}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,sweep,cv,doctor}")
     t = sub.add_parser("train", help="train a head and write a run directory (model, metrics, plots)",
                        description="Train a dense head on labelled shards; writes model.keras, labels.json, "
-                       "shard_metadata.json, config.json, metrics.json, history.json, curves.png and "
-                       "confusion_matrix.png into --out, atomically.", epilog=EPILOG,
+                       "shard_metadata.json, config.json, metrics.json, history.json, split.csv, "
+                       "predictions.parquet, curves.png, confusion_matrix.png and reliability.png into --out, "
+                       "atomically.", epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_training(t)
     t.add_argument("--out", required=True, help="run directory to write (an earlier run there is replaced)")
@@ -92,8 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
 
     e = sub.add_parser("evaluate", help="metrics of a trained run on labelled shards",
-                       description="Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix "
-                       "of a trained run on every labelled row of --shards.")
+                       description="Accuracy, balanced accuracy, macro-F1, per-class precision/recall/"
+                       "specificity/F1, ROC AUC, log-loss, calibration and 95%% bootstrap intervals of a trained run "
+                       "on every labelled row of --shards. Warns when those images overlap the run's training or "
+                       "validation split.")
     e.add_argument("--shards", required=True, help="directory (or URI) of labelled feature shards")
     e.add_argument("--model", required=True, help="run directory written by train")
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
@@ -105,18 +112,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory written by train")
     p.add_argument("--out", required=True, help="output file: Parquet, or CSV when the name ends in .csv")
 
-    s = sub.add_parser("sweep", help="train several heads on vectors loaded once; table sorted by validation score",
+    s = sub.add_parser("sweep", help="train several heads on vectors loaded once; table ranked by validation score",
                        description="Trains every combination of --hidden x --dropout x --lr on one split of "
-                       "vectors loaded once, then prints and saves a table sorted by validation score.",
+                       "vectors loaded once, prints and saves a table ranked by validation score, and keeps the "
+                       "best head as the run directory OUT/best.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common_training(s)
-    s.add_argument("--out", default=None, help="directory for sweep.csv, sweep.json and sweep.txt")
+    s.add_argument("--out", default=None, help="directory for sweep.csv, sweep.json, sweep.txt and the best run (best/)")
     s.add_argument("--hidden", type=_list(_hidden), default=[(), (256,), (512,)],
                    help="comma-separated hidden configs (default 0,256,512; 0 = linear, 512x256 = two layers)")
     s.add_argument("--dropout", type=_list(float), default=[0.3], help="comma-separated, e.g. 0.2,0.4 (default 0.3)")
     s.add_argument("--lr", type=_list(float), default=[1e-3], help="comma-separated, e.g. 1e-3,3e-4 (default 1e-3)")
-    s.add_argument("--sort-by", choices=["val_accuracy", "val_macro_f1", "val_loss"], default="val_accuracy",
-                   help="ranking of the table (default val_accuracy; ties broken by macro-F1)")
+    s.add_argument("--rank-by", "--sort-by", dest="rank_by",
+                   choices=["val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss"],
+                   default="val_macro_f1",
+                   help="validation score that ranks the heads and picks the kept one (default val_macro_f1: "
+                   "accuracy flatters heads that ignore small classes; ties broken by macro-F1)")
+
+    c = sub.add_parser("cv", help="K-fold cross-validation: per-fold metrics and out-of-fold predictions",
+                       description="Stratified, group-aware K-fold cross-validation on the cached vectors. Writes "
+                       "cv_metrics.json (per fold, mean and 95%% interval, pooled) and oof_predictions.parquet "
+                       "(path, content_id, label, fold, prob_<class>: every labelled image exactly once).",
+                       epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("--shards", required=True, help="directory (or URI) of labelled feature shards")
+    c.add_argument("--out", default=None, help="directory for cv_metrics.json and oof_predictions.parquet")
+    c.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    c.add_argument("--seed", type=int, default=0, help="seeds the folds (default 0)")
+    c.add_argument("--head", choices=["linear", "train"], default="linear",
+                   help="linear (default): fast logistic regression, seconds on 50k vectors; train: the Keras "
+                   "head of 'train' (--hidden, --dropout, --lr, --epochs), minutes")
+    c.add_argument("--l2", type=float, default=1e-3, help="--head linear: L2 penalty on the mean log-loss (default 1e-3)")
+    c.add_argument("--hidden", type=_hidden, default=(256,), help="--head train: hidden sizes (default 256)")
+    c.add_argument("--dropout", type=float, default=0.3, help="--head train (default 0.3)")
+    c.add_argument("--lr", type=float, default=1e-3, help="--head train: Adam learning rate (default 1e-3)")
+    c.add_argument("--epochs", type=int, default=50, help="--head train: most epochs per fold (default 50)")
+    c.add_argument("--class-weight", choices=["auto", "balanced", "none"], default="auto")
+    c.add_argument("--quiet", action="store_true", help="no per-fold progress (the summary is still printed)")
     _doctor_parser(sub)
     return parser
 
@@ -162,13 +193,20 @@ def main(argv: list[str] | None = None) -> int:
                            class_weight=args.class_weight, split_file=args.split_file,
                            matmul_precision=args.matmul_precision)
             if args.command == "train":
-                result = s2.train(args.shards, args.out, verbose=0 if args.quiet else "auto", hidden=args.hidden,
+                result = s2.train(args.shards, args.out, progress=not args.quiet, hidden=args.hidden,
                                   dropout=args.dropout, learning_rate=args.lr, **options)
                 if args.quiet:
-                    print(result.summary)
+                    print(result.format())
             else:
                 s2.sweep(args.shards, args.out, hidden=args.hidden, dropout=args.dropout, learning_rate=args.lr,
-                         sort_by=args.sort_by, verbose=1, **options)
+                         rank_by=args.rank_by, progress=True, **options)
+        elif args.command == "cv":
+            result = s2.cross_validate(args.shards, args.out, folds=args.folds, seed=args.seed, head=args.head,
+                                       l2=args.l2, hidden=args.hidden, dropout=args.dropout,
+                                       learning_rate=args.lr, epochs=args.epochs, class_weight=args.class_weight,
+                                       progress=not args.quiet)
+            if args.quiet:
+                print(result.format())
         elif args.command == "doctor":
             from stage2_classify.doctor import doctor
 
@@ -178,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
                             backend=args.backend, report=not args.no_report, progress=True)
             print(result.format())
         elif args.command == "evaluate":
-            s2.evaluate(args.shards, args.model, args.out)
+            print(s2.evaluate(args.shards, args.model, args.out).format())
         else:
             out = s2.predict(args.shards, args.model, args.out)
             print(f"predictions written to {out}")

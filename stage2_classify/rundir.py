@@ -22,7 +22,8 @@ from shardformat.io import fsync_dir
 MARKER = "run.json"
 REQUIRED = ("model.keras", "labels.json", "shard_metadata.json", "config.json", "metrics.json", MARKER)
 FILES = REQUIRED  # older name
-KNOWN = set(REQUIRED) | {"history.json", "split.json", "curves.png", "confusion_matrix.png"}
+KNOWN = set(REQUIRED) | {"history.json", "split.json", "split.csv", "predictions.parquet", "curves.png",
+                         "confusion_matrix.png", "reliability.png"}
 
 KNOWN |= {"report.html"}  # stage2_classify.run_report writes it into the run directory
 
@@ -156,3 +157,20 @@ def check_run(run_dir: str | os.PathLike) -> Path:
     if missing:
         raise RunDirError(f"{path}: not a complete training run (missing {', '.join(missing)}); train it again")
     return path
+
+
+def check_labels(path: Path, classes: list) -> None:
+    """Refuse a run whose ``labels.json`` is not the class list the model was trained with.
+
+    Training records a hash of the class list (in output order) in ``run.json``; a labels.json reordered or
+    edited since would silently rename every prediction. Runs made before the hash existed are not checked.
+    """
+    from stage2_classify.runfiles import LABELS_HASH_KEY, labels_hash
+
+    try:
+        expected = json.loads((path / MARKER).read_text()).get(LABELS_HASH_KEY)
+    except (OSError, ValueError, AttributeError):
+        expected = None
+    if expected is not None and labels_hash(classes) != expected:
+        raise RunDirError(f"{path}: labels.json no longer matches the model (its classes were reordered or "
+                          "edited after training); restore the original labels.json or train again")

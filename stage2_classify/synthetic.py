@@ -5,6 +5,7 @@ They are real shards, written with ``shardformat.write_shard``, so everything do
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Sequence
@@ -36,10 +37,12 @@ def write_synthetic_shards(directory: str | os.PathLike, counts: Sequence[int] =
     labels += [None] * unlabelled
     x = np.concatenate(feats).astype(np.float32)
     paths = [f"{label or 'unlabelled'}/img_{i:05d}.png" for i, label in enumerate(labels)]
+    # Like stage 1's content hash: the same vector is the same "image", different vectors never collide.
+    content = [f"{len(row)}-{hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest()}" for row in x]
     meta = ShardMetadata(**{**synthetic_metadata(dim, backbone).__dict__, "feature_dtype": feature_dtype})
     for s, idx in enumerate(np.array_split(rng.permutation(len(x)), shards)):
         shardformat.write_shard(directory, f"{prefix}-{s:05d}.parquet", meta,
                                 paths=[paths[i] for i in idx], labels=[labels[i] for i in idx],
-                                content_ids=[f"id{i}" for i in idx], file_sizes=[1] * len(idx),
+                                content_ids=[content[i] for i in idx], file_sizes=[1] * len(idx),
                                 mtimes_ns=[0] * len(idx), features=x[idx])
     return Path(directory)

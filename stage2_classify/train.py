@@ -1,10 +1,9 @@
-"""Training: load shards → split → fit the head with early stopping → metrics, plots, model in a run dir."""
+"""Training: load shards → content-keyed split → fit the head with early stopping → metrics, files, model."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime as dt
 import os
 import sys
 import time
@@ -12,9 +11,10 @@ from typing import Sequence
 
 import numpy as np
 
-from stage2_classify.data import (Dataset, DatasetError, load_dataset, split_from_file, split_notes,
-                                  stratified_split)
-from stage2_classify.metrics import classification_report, majority_rate
+from stage2_classify.data import Dataset, DatasetError, load_dataset
+from stage2_classify.metrics import classification_metrics, format_metric, majority_rate
+from stage2_classify.split import content_split, split_notes
+from stage2_classify.splitfile import split_from_file
 
 IMBALANCE_RATIO = 1.5  # class_weight="auto" balances when the largest class is more than this × the smallest
 
@@ -33,7 +33,7 @@ class TrainOptions:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     class_weight: str = "auto"  # auto | balanced | none
-    split_file: str | None = None  # CSV/Parquet with columns path, split (train/val/test)
+    split_file: str | None = None  # a run's split.csv, or CSV/Parquet with columns path, split (train/val/test)
     matmul_precision: str = "highest"  # torch float32 matmuls: "high"/"medium" allow TF32 (GPU) or bf16 (CPU)
 
     def __post_init__(self) -> None:
@@ -61,11 +61,19 @@ class TrainOptions:
 @dataclasses.dataclass
 class TrainResult:
     run_dir: str
-    metrics: dict  # per split: accuracy, macro_f1, per_class, confusion_matrix
+    metrics: dict  # per split: accuracy, balanced_accuracy, macro_f1, per_class, ci95, … (see metrics.py)
     history: dict  # per epoch: loss, accuracy, val_loss, val_accuracy
     classes: list[str]
-    summary: str
     model: object = dataclasses.field(default=None, repr=False)  # the trained keras.Model (also in run_dir)
+    text: str = dataclasses.field(default="", repr=False)
+
+    def format(self) -> str:
+        """The human summary printed at the end of training."""
+        return self.text
+
+    @property
+    def summary(self) -> str:
+        return self.format()
 
 
 @dataclasses.dataclass
@@ -91,9 +99,18 @@ def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
 
 
 def make_split(ds: Dataset, opts: TrainOptions) -> dict[str, np.ndarray]:
+    """The split file's split when one is given, else the content-keyed split (``split.py``)."""
     if opts.split_file:
-        return split_from_file(ds.paths, opts.split_file)
-    return stratified_split(ds.y, val_fraction=opts.val_fraction, test_fraction=opts.test_fraction, seed=opts.seed)
+        return split_from_file(ds.paths, opts.split_file, content_ids=ds.content_ids)
+    return content_split(ds.content_ids, ds.y, ds.groups, val_fraction=opts.val_fraction,
+                         test_fraction=opts.test_fraction, seed=opts.seed)
+
+
+def split_info(opts: TrainOptions) -> dict:
+    if opts.split_file:
+        return {"method": "file", "split_file": os.path.abspath(opts.split_file)}
+    return {"method": "content-hash", "seed": opts.seed, "val_fraction": opts.val_fraction,
+            "test_fraction": opts.test_fraction}
 
 
 def column_stats(x: np.ndarray, chunk: int = 8192) -> tuple[np.ndarray, np.ndarray]:
@@ -128,8 +145,11 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(before)
 
 
-def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, verbose: int = 1) -> FittedHead:
-    """Fit one head on the train split, early-stopping on validation loss with the best weights restored."""
+def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, progress: bool = False) -> FittedHead:
+    """Fit one head on the train split, early-stopping on validation loss with the best weights restored.
+
+    ``progress``: Keras' progress bar on a terminal, one line per epoch otherwise.
+    """
     from stage2_classify import _check_backend
 
     _check_backend()
@@ -153,7 +173,7 @@ def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, verb
             x_train, y_train,
             validation_data=(ds.features[va], ds.y[va]) if has_val else None,
             epochs=opts.epochs, batch_size=opts.batch_size, shuffle=True,
-            class_weight=cw, callbacks=callbacks, verbose=verbose,
+            class_weight=cw, callbacks=callbacks, verbose=keras_verbosity(progress),
         )
     seconds = time.perf_counter() - t0
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
@@ -167,22 +187,34 @@ def predict_proba(model, features: np.ndarray, batch_size: int = 4096) -> np.nda
     return np.asarray(model.predict(features, batch_size=batch_size, verbose=0), dtype=np.float32)
 
 
-def evaluate_splits(model, ds: Dataset, split: dict[str, np.ndarray]) -> dict:
+def metrics_by_split(ds: Dataset, proba: np.ndarray, split: dict[str, np.ndarray], seed: int = 0) -> dict:
+    """Metrics per non-empty split from probabilities for every row; bootstrap intervals on validation and test."""
     out = {}
     for name in ("train", "validation", "test"):
         idx = split.get(name, np.zeros(0, np.int64))
         if len(idx):
-            pred = predict_proba(model, ds.features[idx]).argmax(axis=1)
-            out[name] = classification_report(ds.y[idx], pred, ds.classes)
+            out[name] = classification_metrics(ds.y[idx], proba[idx], ds.classes, bootstrap=name != "train",
+                                               seed=seed)
     return out
 
 
-def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str, notes: list[str]) -> str:
+def evaluate_splits(model, ds: Dataset, split: dict[str, np.ndarray]) -> dict:
+    """Metrics per split of a fitted model (predicts only the rows in a split)."""
+    rows = np.concatenate([split.get(k, np.zeros(0, np.int64)) for k in ("train", "validation", "test")])
+    proba = np.zeros((len(ds.y), len(ds.classes)), np.float32)
+    proba[rows] = predict_proba(model, ds.features[rows])
+    return metrics_by_split(ds, proba, split)
+
+
+def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str, notes: list[str],
+             info: dict) -> str:
     n_split = "/".join(str(len(split.get(k, ()))) for k in ("train", "validation", "test"))
+    how = (f"frozen split from {info['split_file']}" if info["method"] == "file"
+           else f"content-keyed split, seed {info['seed']}")
     lines = [
         f"stage 2 done: {run_dir}",
         f"  data       {len(ds.y)} labelled vectors ({ds.metadata.backbone}, {ds.features.shape[1]}-d), "
-        f"{len(ds.classes)} classes; train/val/test {n_split}"
+        f"{len(ds.classes)} classes; train/val/test {n_split} ({how})"
         + (f"; {ds.unlabelled} unlabelled row{'s' if ds.unlabelled != 1 else ''} left out" if ds.unlabelled else ""),
         f"  training   {len(fitted.history.get('loss', []))} epochs in {fitted.seconds:.1f}s, best epoch "
         f"{fitted.best_epoch} (weights restored)"
@@ -191,74 +223,89 @@ def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str
     for name in ("validation", "test"):
         if name in metrics:
             m = metrics[name]
-            lines.append(f"  {name:11s}accuracy {m['accuracy']:.3f}  macro-F1 {m['macro_f1']:.3f}  (n={m['n']})")
-    if len(split.get("test", ())):
+            lines.append(f"  {name:11s}" + "  ".join(format_metric(m, k, label) for k, label in (
+                ("accuracy", None), ("balanced_accuracy", "balanced"), ("macro_f1", "macro-F1"))) + f"  (n={m['n']})")
+    if "test" in metrics:
+        m = metrics["test"]
+        lines.append("  test       " + "  ".join(
+            f"{label} {m[k]:.3f}" for k, label in (("roc_auc_ovr", "ROC AUC"), ("log_loss", "log-loss"), ("ece", "ECE"))
+            if m.get(k) is not None) + "  (95% bootstrap intervals in [ ])")
         lines.append(f"  baseline   majority-class rate on test {majority_rate(ds.y[split['test']]):.3f}")
+    if ds.duplicate_rows_dropped:
+        lines.append(f"  note       {ds.duplicate_rows_dropped} shard rows repeated a path and were read once "
+                     "(rerun stage1-extract to repair the shards)")
     lines += [f"  note       {note}" for note in notes]
-    lines.append("  files      model.keras, metrics.json, curves.png, confusion_matrix.png")
+    lines.append("  files      model.keras, metrics.json, predictions.parquet, split.csv, curves.png, "
+                 "confusion_matrix.png, reliability.png")
     return "\n".join(lines)
 
 
-def resolve_verbose(verbose) -> int:
-    """Keras verbosity: ``"auto"`` is a progress bar on a terminal and one line per epoch otherwise."""
-    if verbose == "auto":
-        return 1 if sys.stdout.isatty() else 2
-    return int(verbose)
+def keras_verbosity(progress: bool) -> int:
+    """Keras verbosity for ``progress``: a progress bar on a terminal, one line per epoch in a log, or silence."""
+    if not progress:
+        return 0
+    return 1 if sys.stdout.isatty() else 2
 
 
-def train(shards: str | os.PathLike, out: str | os.PathLike, *, verbose: int | str = "auto",
-          dataset: Dataset | None = None, **options) -> TrainResult:
+def train(
+    shards: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    hidden: Sequence[int] = (256,),
+    dropout: float = 0.3,
+    learning_rate: float = 1e-3,
+    epochs: int = 50,
+    batch_size: int = 256,
+    patience: int = 5,
+    seed: int = 0,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    class_weight: str = "auto",
+    split_file: str | os.PathLike | None = None,
+    matmul_precision: str = "highest",
+    dataset: Dataset | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train a head on the shards in ``shards`` and write a complete run directory ``out`` atomically.
 
-    Options are :class:`TrainOptions` fields (hidden, dropout, learning_rate, epochs, batch_size, patience,
-    seed, val_fraction, test_fraction, class_weight, split_file, matmul_precision). ``verbose``: 0 silent, 1 progress bar,
-    2 one line per epoch, ``"auto"`` (1 on a terminal, else 2); the summary is printed unless 0.
-    Pass ``dataset=load_dataset(shards)`` to reuse vectors already in memory.
+    The split is keyed by content (``split_file``: a run's ``split.csv`` to reuse its split exactly); see
+    :class:`TrainOptions` for the other parameters. ``progress`` shows Keras' progress and prints the summary
+    (``result.format()``). Pass ``dataset=load_dataset(shards)`` to reuse vectors already in memory.
     """
-    from stage2_classify import _check_backend
-    from stage2_classify.plots import plot_confusion, plot_curves
-    from stage2_classify.rundir import RunWriter
+    opts = TrainOptions(hidden=hidden, dropout=dropout, learning_rate=learning_rate, epochs=epochs,
+                        batch_size=batch_size, patience=patience, seed=seed, val_fraction=val_fraction,
+                        test_fraction=test_fraction, class_weight=class_weight, split_file=split_file,
+                        matmul_precision=matmul_precision)
+    return train_with_options(shards, out, opts, dataset=dataset, progress=progress)
 
-    opts = TrainOptions(**options)
-    verbose = resolve_verbose(verbose)
+
+def train_with_options(shards, out, opts: TrainOptions, *, dataset: Dataset | None = None,
+                       progress: bool = True) -> TrainResult:
+    """:func:`train` with the options as one :class:`TrainOptions` (used by ``sweep`` and ``pipeline``)."""
+    from stage2_classify import _check_backend
+    from stage2_classify.rundir import RunWriter
+    from stage2_classify.runfiles import write_run
+
     _check_backend()  # before minutes of loading, not after
     ds = dataset if dataset is not None else load_dataset(shards)
     split = make_split(ds, opts)
     if len(split["train"]) == 0:
         raise DatasetError(f"{os.fspath(shards)}: no training rows after the split")
-    notes = split_notes(ds.y, ds.classes, split)
-    fitted = fit_head(ds, split, opts, verbose=verbose)
-    metrics = evaluate_splits(fitted.model, ds, split)
+    notes = split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups)
+    fitted = fit_head(ds, split, opts, progress=progress)
+    proba = predict_proba(fitted.model, ds.features)
+    metrics = metrics_by_split(ds, proba, split, seed=opts.seed)
     metrics["majority_rate_test"] = majority_rate(ds.y[split["test"]]) if len(split["test"]) else None
     metrics["classes"] = ds.classes
+    info = split_info(opts)
     writer = RunWriter(out)
     try:
-        writer.write_json("labels.json", ds.classes)
-        writer.write_text("shard_metadata.json", ds.metadata.to_json())
-        writer.write_json("config.json", {
-            **dataclasses.asdict(opts), "shards": os.fspath(shards), "feature_dim": int(ds.features.shape[1]),
-            "class_weight_used": fitted.class_weight, "unlabelled_rows_left_out": ds.unlabelled,
-            "split_sizes": {k: int(len(v)) for k, v in split.items()}, "notes": notes,
-        })
-        writer.write_json("metrics.json", metrics)
-        writer.write_json("history.json", fitted.history)
-        writer.write_json("split.json", {k: ds.paths[v].tolist() for k, v in split.items()})
-        plot_curves(fitted.history, writer.path("curves.png"), fitted.best_epoch)
-        cm_split = next(s for s in ("test", "validation", "train") if s in metrics)
-        plot_confusion(np.asarray(metrics[cm_split]["confusion_matrix"]), ds.classes,
-                       writer.path("confusion_matrix.png"), title=f"confusion matrix ({cm_split})")
-        fitted.model.save(writer.path("model.keras"))
-        final = writer.commit({
-            "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "classes": len(ds.classes),
-            "train_seconds": round(fitted.seconds, 3),
-            "epochs_run": len(fitted.history.get("loss", [])),
-            "best_epoch": fitted.best_epoch,
-        })
+        final = write_run(writer, shards=shards, ds=ds, split=split, notes=notes, opts=opts, fitted=fitted,
+                          metrics=metrics, proba=proba, split_info=info)
     except BaseException:
         writer.discard()
         raise
-    summary = _summary(ds, split, fitted, metrics, str(final), notes)
-    if verbose:
-        print(summary, flush=True)
-    return TrainResult(str(final), metrics, fitted.history, ds.classes, summary, fitted.model)
+    text = _summary(ds, split, fitted, metrics, str(final), notes, info)
+    if progress:
+        print(text, flush=True)
+    return TrainResult(str(final), metrics, fitted.history, ds.classes, fitted.model, text)

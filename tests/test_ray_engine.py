@@ -229,3 +229,12 @@ def test_pipeline_run_with_the_ray_engine(tree, tiny, tmp_path):
     again = pipeline.run(tree, tmp_path / "work", onnx=tiny, input_size=32, engine="ray", progress=False,
                          train_options=dict(epochs=1, batch_size=8), run_name="again")
     assert again.extraction["extracted"] == 0 and again.extraction["already_done"] == 12
+
+
+def test_ray_engine_writes_groups_like_the_local_engine(tree, tiny, tmp_path):
+    a, b = str(tmp_path / "local"), str(tmp_path / "ray")
+    extract(tree, a, onnx=tiny, group_regex=r"_(\d+)\.", **TINY)
+    extract_ray(tree, b, onnx=tiny, group_regex=r"_(\d+)\.", **TINY)
+    ga = dict(zip(*(lambda fs: (fs.paths, fs.groups))(shardformat.read_features(a))))
+    gb = dict(zip(*(lambda fs: (fs.paths, fs.groups))(shardformat.read_features(b))))
+    assert ga == gb and ga["cat/cat_003.jpg"] == "003"

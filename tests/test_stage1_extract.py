@@ -40,7 +40,7 @@ def test_shards_have_the_documented_schema_and_metadata(tree, tmp_path):
     s = extract(tree, out, progress=False)
     assert (s.extracted, s.already_done, s.errors) == (9, 0, 2)
     table = pq.read_table(out)  # plain pyarrow: errors/lock/summary files are ignored by discovery
-    assert table.column_names == ["path", "label", "content_id", "file_size", "mtime_ns", "feature"]
+    assert table.column_names == ["path", "label", "content_id", "file_size", "mtime_ns", "group", "feature"]
     assert table.schema.field("feature").type.list_size == 1280
     meta = shardformat.read_metadata(shardformat.list_shards(out)[0])
     assert meta.backbone == "efficientnet_lite0" and meta.feature_dim == 1280

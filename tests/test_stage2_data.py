@@ -1,13 +1,17 @@
 """Stage 2 data: loading through shardformat, unlabelled rows, stratified/seeded splits, split files, metrics."""
 
+import json
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 import shardformat
-from stage2_classify.data import DatasetError, load_dataset, split_from_file, split_notes, stratified_split
-from stage2_classify.metrics import classification_report
+from stage2_classify.data import DatasetError, load_dataset
+from stage2_classify.metrics import classification_metrics
+from stage2_classify.split import split_notes
+from stage2_classify.splitfile import split_from_file
 from stage2_classify.synthetic import write_synthetic_shards
 from stage2_classify.train import class_weights, column_stats
 
@@ -33,35 +37,6 @@ def test_float16_shards_load_as_float32(tmp_path):
     assert ds.features.dtype == np.float32 and ds.metadata.feature_dtype == "float16"
 
 
-def test_stratified_split_is_stratified_disjoint_and_seeded():
-    y = np.array([0] * 60 + [1] * 30 + [2] * 10)
-    s1, s2, s3 = stratified_split(y, seed=3), stratified_split(y, seed=3), stratified_split(y, seed=4)
-    for k in s1:
-        np.testing.assert_array_equal(s1[k], s2[k])  # same seed, same split
-    assert any(not np.array_equal(s1[k], s3[k]) for k in s1)  # another seed, another split
-    everything = np.concatenate([s1["train"], s1["validation"], s1["test"]])
-    assert sorted(everything.tolist()) == list(range(100))  # a partition
-    for cls, n in ((0, 60), (1, 30), (2, 10)):
-        for part in ("validation", "test"):
-            assert abs((y[s1[part]] == cls).sum() - 0.15 * n) <= 1  # each class in proportion
-    names = np.array(["b", "a", "b", "a"] * 10, dtype=object)  # class names work as well as indices
-    assert len(stratified_split(names, seed=0)["test"]) == 6
-
-
-def test_small_classes_fall_back_to_training_and_are_reported():
-    y = np.array([0] * 20 + [1] * 2 + [2] * 3)
-    split = stratified_split(y, seed=0)
-    assert set(y[split["train"]].tolist()) == {0, 1, 2}
-    assert (y[split["validation"]] == 1).sum() == 0 and (y[split["test"]] == 1).sum() == 0
-    assert (y[split["validation"]] == 2).sum() == 1 and (y[split["test"]] == 2).sum() == 1
-    notes = split_notes(y, ["a", "b", "c"], split)
-    assert any("validation" in n and "b" in n for n in notes) and any("test" in n and "b" in n for n in notes)
-    no_test = stratified_split(y, val_fraction=0.2, test_fraction=0.0, seed=0)
-    assert len(no_test["test"]) == 0 and len(no_test["validation"]) > 0
-    with pytest.raises(ValueError, match="sum to less than 1"):
-        stratified_split(y, val_fraction=0.5, test_fraction=0.5)
-
-
 def test_user_split_file_csv_and_parquet(shards, tmp_path):
     ds = load_dataset(shards)
     names = ["train", "val", "test"]
@@ -78,6 +53,12 @@ def test_user_split_file_csv_and_parquet(shards, tmp_path):
     for k in split:
         np.testing.assert_array_equal(split[k], from_parquet[k])
     assert any("not in the split file" in n for n in split_notes(ds.y, ds.classes, split))
+    old_json = tmp_path / "split.json"  # runs made before split.csv wrote split.json
+    old_json.write_text(json.dumps({name: [p for p, s in rows if s == short] for name, short in
+                                    (("train", "train"), ("validation", "val"), ("test", "test"))}))
+    from_json = split_from_file(ds.paths, old_json)
+    for k in split:
+        np.testing.assert_array_equal(split[k], from_json[k])
 
 
 def test_split_file_errors_are_clear(shards, tmp_path):
@@ -87,10 +68,10 @@ def test_split_file_errors_are_clear(shards, tmp_path):
     with pytest.raises(DatasetError, match="unknown split names.*holdout"):
         split_from_file(ds.paths, bad)
     bad.write_text("file,fold\na,train\n")
-    with pytest.raises(DatasetError, match="columns 'path' and 'split'"):
+    with pytest.raises(DatasetError, match="needs columns 'split' and 'path'"):
         split_from_file(ds.paths, bad)
     bad.write_text("path,split\nnot/there.png,train\n")
-    with pytest.raises(DatasetError, match="none of the 90 shard paths"):
+    with pytest.raises(DatasetError, match="none of the 90 shard rows"):
         split_from_file(ds.paths, bad)
     bad.write_text(f"path,split\n{ds.paths[0]},train\n{ds.paths[0]},test\n")
     with pytest.raises(DatasetError, match="more than one split"):
@@ -117,13 +98,17 @@ def test_errors_are_clear(tmp_path):
 
 
 def test_metrics_by_hand():
-    rep = classification_report(np.array([0, 0, 1, 1, 2]), np.array([0, 1, 1, 1, 1]), ["a", "b", "c"])
-    assert rep["n"] == 5 and rep["accuracy"] == 0.6
-    assert rep["per_class"]["a"] == {"precision": 1.0, "recall": 0.5, "f1": pytest.approx(2 / 3), "support": 2}
-    assert rep["per_class"]["b"] == {"precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "support": 2}
-    assert rep["per_class"]["c"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
-    assert rep["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)
-    assert rep["confusion_matrix"] == [[1, 1, 0], [0, 2, 0], [0, 1, 0]]
+    proba = np.eye(4)[[0, 1, 1, 1, 1]] * 0.7 + 0.075  # class d has no rows at all
+    rep = classification_metrics(np.array([0, 0, 1, 1, 2]), proba, ["a", "b", "c", "d"], bootstrap=False)
+    assert rep["n"] == 5 and rep["accuracy"] == 0.6 and rep["balanced_accuracy"] == pytest.approx(0.5)
+    a, b, c, d = (rep["per_class"][k] for k in "abcd")
+    assert (a["precision"], a["recall"], a["f1"], a["support"]) == (1.0, 0.5, pytest.approx(2 / 3), 2)
+    assert a["specificity"] == 1.0 and b["specificity"] == pytest.approx(1 / 3)
+    assert (b["precision"], b["recall"], b["f1"], b["support"]) == (0.5, 1.0, pytest.approx(2 / 3), 2)
+    assert c["precision"] is None and (c["recall"], c["f1"], c["support"]) == (0.0, 0.0, 1)  # never predicted
+    assert d["support"] is None and d["recall"] is None and d["f1"] is None  # no rows: null, not 0
+    assert rep["macro_f1"] == pytest.approx((2 / 3 + 2 / 3 + 0) / 3)  # over the classes present
+    assert rep["confusion_matrix"] == [[1, 1, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
 
 
 def test_class_weights_auto_balanced_none():

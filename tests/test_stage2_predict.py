@@ -14,7 +14,7 @@ import shardformat
 from stage2_classify import RunDirError, evaluate, load_dataset, load_run, predict, train
 from stage2_classify.synthetic import write_synthetic_shards
 
-FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, verbose=0)
+FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
 CLASSES = ["class_0", "class_1", "class_2"]
 
 
@@ -80,7 +80,7 @@ def test_predict_refuses_shards_of_another_backbone(trained, tmp_path):
     with pytest.raises(shardformat.IncompatibleShardsError, match="another_backbone"):
         predict(other, trained.run_dir, tmp_path / "p.parquet")
     with pytest.raises(shardformat.IncompatibleShardsError):
-        evaluate(other, trained.run_dir, verbose=0)
+        evaluate(other, trained.run_dir)
     assert not (tmp_path / "p.parquet").exists()
 
 
@@ -97,9 +97,10 @@ def test_predict_refuses_an_incomplete_or_missing_run(shards, trained, tmp_path)
 
 
 def test_evaluate_counts_unlabelled_and_unknown_labels(shards, trained, tmp_path):
-    report = evaluate(shards, trained.run_dir, out=tmp_path / "m.json", verbose=0)
+    with pytest.warns(UserWarning, match="not a held-out estimate"):  # these are the training shards
+        report = evaluate(shards, trained.run_dir, out=tmp_path / "m.json").metrics
     assert report["n"] == 120 and report["unlabelled_rows"] == 5 and report["accuracy"] > 0.9
     assert json.loads((tmp_path / "m.json").read_text())["n"] == 120
     novel = write_synthetic_shards(tmp_path / "novel", counts=(10, 10, 10, 6), seed=0)  # class_3 is new
-    report = evaluate(novel, trained.run_dir, verbose=0)
+    report = evaluate(novel, trained.run_dir).metrics
     assert report["unknown_labels"] == ["class_3"] and report["unknown_label_rows"] == 6 and report["n"] == 30

@@ -24,9 +24,9 @@ def shards(tmp_path_factory):
                                   unlabelled=3)
 
 
-def test_sweep_table_sorted_by_validation_score(shards, tmp_path, capsys):
+def test_sweep_table_ranked_by_validation_score(shards, tmp_path, capsys):
     rows = sweep(shards, tmp_path / "sweep", hidden=[(0,), (16,), (32, 16)], dropout=[0.0, 0.3],
-                 learning_rate=[1e-2], epochs=6, batch_size=32, verbose=1)
+                 learning_rate=[1e-2], epochs=6, batch_size=32, progress=True, rank_by="val_accuracy")
     assert len(rows) == 6 and [r["rank"] for r in rows] == list(range(1, 7))
     scores = [(r["val_accuracy"], r["val_macro_f1"]) for r in rows]
     assert scores == sorted(scores, reverse=True)
@@ -37,12 +37,12 @@ def test_sweep_table_sorted_by_validation_score(shards, tmp_path, capsys):
         table = list(csv.DictReader(fh))
     assert [r["hidden"] for r in table] == [r["hidden"] for r in rows]
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert saved["rows"] == rows and saved["sort_by"] == "val_accuracy"
+    assert saved["rows"] == rows and saved["rank_by"] == "val_accuracy"
     printed = capsys.readouterr().out
-    assert "sorted by val accuracy" in printed and printed.count("linear") >= 2
-    assert (tmp_path / "sweep" / "sweep.txt").read_text().startswith("sorted by val accuracy")
+    assert "ranked by val accuracy" in printed and printed.count("linear") >= 2
+    assert (tmp_path / "sweep" / "sweep.txt").read_text().startswith("ranked by val accuracy")
     by_loss = sweep(shards, None, hidden=[(), (16,)], dropout=[0.3], learning_rate=[1e-2], epochs=4,
-                    sort_by="val_loss", verbose=0)
+                    rank_by="val_loss", progress=False)
     assert by_loss[0]["val_loss"] <= by_loss[1]["val_loss"]
 
 
@@ -82,8 +82,11 @@ def test_cli_train_evaluate_predict_sweep(shards, tmp_path, capsys):
     assert main(["predict", "--shards", str(shards), "--model", str(run), "--out", str(tmp_path / "p.parquet")]) == 0
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 183
     assert main(["sweep", "--shards", str(shards), "--out", str(tmp_path / "sw"), "--hidden", "0,16",
-                 "--epochs", "2", "--sort-by", "val_macro_f1"]) == 0
-    assert "sorted by val macro f1" in capsys.readouterr().out
+                 "--epochs", "2", "--rank-by", "val_macro_f1"]) == 0
+    assert "ranked by val macro f1" in capsys.readouterr().out and (tmp_path / "sw" / "best" / "run.json").is_file()
+    assert main(["cv", "--shards", str(shards), "--out", str(tmp_path / "cv"), "--folds", "3", "--quiet"]) == 0
+    assert "cross-validation: 3 folds, 180 images" in capsys.readouterr().out
+    assert pq.read_table(tmp_path / "cv" / "oof_predictions.parquet").num_rows == 180
 
 
 def test_cli_errors_name_the_problem(shards, tmp_path, capsys):

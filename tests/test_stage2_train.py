@@ -14,7 +14,7 @@ from stage2_classify import DatasetError, RunDirError, TrainOptions, load_datase
 from stage2_classify.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, verbose=0)
+FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_same_seed_same_split_and_numbers(shards, tmp_path):
     r1 = train(shards, tmp_path / "a", seed=7, **FAST)
     r2 = train(shards, tmp_path / "b", seed=7, **FAST)
     r3 = train(shards, tmp_path / "c", seed=8, **FAST)
-    split = [json.loads((Path(r.run_dir) / "split.json").read_text()) for r in (r1, r2, r3)]
+    split = [(Path(r.run_dir) / "split.csv").read_text() for r in (r1, r2, r3)]
     assert split[0] == split[1] and split[0] != split[2]
     assert r1.history == r2.history  # bit-identical losses, epoch by epoch
     assert r1.metrics["test"] == r2.metrics["test"] and r1.metrics["validation"] == r2.metrics["validation"]
@@ -43,22 +43,26 @@ def test_run_directory_contents(shards, tmp_path):
     run = Path(r.run_dir)
     assert sorted(p.name for p in run.iterdir()) == sorted([
         "model.keras", "labels.json", "shard_metadata.json", "config.json", "metrics.json", "history.json",
-        "split.json", "curves.png", "confusion_matrix.png", "run.json"])
+        "split.csv", "predictions.parquet", "curves.png", "confusion_matrix.png", "reliability.png", "run.json"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing left behind
-    for png in ("curves.png", "confusion_matrix.png"):
+    for png in ("curves.png", "confusion_matrix.png", "reliability.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     m = json.loads((run / "metrics.json").read_text())
     for split in ("validation", "test"):
-        assert {"accuracy", "macro_f1", "per_class", "confusion_matrix", "n"} <= set(m[split])
-        assert set(m[split]["per_class"]["class_0"]) == {"precision", "recall", "f1", "support"}
-        assert np.asarray(m[split]["confusion_matrix"]).sum() == m[split]["n"] == 18
+        assert {"accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "log_loss", "ece", "ci95", "per_class",
+                "confusion_matrix", "n"} <= set(m[split])
+        assert set(m[split]["per_class"]["class_0"]) == {"precision", "recall", "specificity", "f1", "support",
+                                                         "roc_auc"}
+        assert np.asarray(m[split]["confusion_matrix"]).sum() == m[split]["n"]
     assert m["test"]["accuracy"] > 0.9 > m["majority_rate_test"]
     meta = ShardMetadata.from_json((run / "shard_metadata.json").read_text())
     assert meta.backbone == "synthetic" and meta.feature_dim == 16
     assert json.loads((run / "labels.json").read_text()) == ["class_0", "class_1", "class_2"]
     config = json.loads((run / "config.json").read_text())
     assert config["hidden"] == [256] and config["unlabelled_rows_left_out"] == 5
-    assert config["split_sizes"] == {"train": 84, "validation": 18, "test": 18}
+    sizes = config["split_sizes"]
+    assert sum(sizes.values()) == 120 and all(abs(sizes[k] - 18) <= 6 for k in ("validation", "test"))
+    assert config["split"]["method"] == "content-hash" and len(config["labels_sha256"]) == 64
     history = json.loads((run / "history.json").read_text())
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
     assert "5 unlabelled rows left out" in r.summary and "test" in r.summary

@@ -335,7 +335,7 @@ def test_stage2_refuses_foreign_shards_with_the_reason(tmp_path):
 
     d = _with_metadata(tmp_path, _set("feature_dim", 8))
     with pytest.raises(ShardFormatError, match="'feature'"):
-        s2.train(d, tmp_path / "run", verbose=0)
+        s2.train(d, tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
     assert main(["train", "--shards", str(d), "--out", str(tmp_path / "run"), "--quiet"]) == 1
 

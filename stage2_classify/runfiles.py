@@ -1,0 +1,83 @@
+"""The files of a run directory beyond the model: split.csv, predictions.parquet, metrics, plots, run.json.
+
+Written by ``train`` and by ``sweep`` for its best head, so both leave the same complete run directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+
+import numpy as np
+
+from stage2_classify.split import SPLITS, split_codes
+from stage2_classify.splitfile import split_table, write_split_csv
+
+LABELS_HASH_KEY = "labels_sha256"
+
+
+def labels_hash(classes: list[str]) -> str:
+    """Identity of the class list *in output order*: a reordered or edited labels.json no longer matches."""
+    return hashlib.sha256(json.dumps([str(c) for c in classes]).encode()).hexdigest()
+
+
+def predictions_table(ds, proba: np.ndarray, split: dict[str, np.ndarray]):
+    """One row per labelled row: path, content_id, label, split, predicted, probability, prob_<class>…"""
+    import pyarrow as pa
+
+    codes = split_codes(split, len(ds.y))
+    top = proba.argmax(axis=1)
+    names = np.asarray(SPLITS, dtype=object)
+    columns = {
+        "path": pa.array(ds.paths, pa.string()),
+        "content_id": pa.array(ds.content_ids, pa.string()),
+        "label": pa.array(ds.labels, pa.string()),
+        "split": pa.array([names[c] if c >= 0 else None for c in codes], pa.string()),
+        "predicted": pa.array(np.asarray(ds.classes, dtype=object)[top], pa.string()),
+        "probability": pa.array(proba[np.arange(len(top)), top], pa.float32()),
+    }
+    for i, cls in enumerate(ds.classes):
+        columns[f"prob_{cls}"] = pa.array(proba[:, i], pa.float32())
+    return pa.table(columns)
+
+
+def write_run(writer, *, shards, ds, split, notes, opts, fitted, metrics, proba, split_info: dict,
+              extra_marker: dict | None = None):
+    """Fill a :class:`~stage2_classify.rundir.RunWriter` with a whole run and commit it; returns the final path."""
+    import pyarrow.parquet as pq
+
+    from stage2_classify.calibration import plot_reliability
+    from stage2_classify.plots import plot_confusion, plot_curves
+
+    labels_sha = labels_hash(ds.classes)
+    writer.write_json("labels.json", ds.classes)
+    writer.write_text("shard_metadata.json", ds.metadata.to_json())
+    writer.write_json("config.json", {
+        **dataclasses.asdict(opts), "shards": os.fspath(shards), "feature_dim": int(ds.features.shape[1]),
+        "class_weight_used": fitted.class_weight, "unlabelled_rows_left_out": ds.unlabelled,
+        "duplicate_rows_dropped": ds.duplicate_rows_dropped, "split": split_info,
+        "split_sizes": {k: int(len(v)) for k, v in split.items()}, "notes": notes, LABELS_HASH_KEY: labels_sha,
+    })
+    writer.write_json("metrics.json", metrics)
+    writer.write_json("history.json", fitted.history)
+    write_split_csv(split_table(ds.paths, ds.content_ids, ds.labels, ds.groups, split), writer.path("split.csv"))
+    pq.write_table(predictions_table(ds, proba, split), writer.path("predictions.parquet"), compression="zstd")
+    plot_curves(fitted.history, writer.path("curves.png"), fitted.best_epoch)
+    shown = next(s for s in ("test", "validation", "train") if s in metrics)
+    plot_confusion(np.asarray(metrics[shown]["confusion_matrix"]), ds.classes, writer.path("confusion_matrix.png"),
+                   title=f"confusion matrix ({shown})")
+    plot_reliability(metrics[shown].get("reliability", []), metrics[shown].get("ece"),
+                     writer.path("reliability.png"), title=f"reliability ({shown})")
+    fitted.model.save(writer.path("model.keras"))
+    return writer.commit({
+        "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "classes": len(ds.classes),
+        LABELS_HASH_KEY: labels_sha,
+        "train_seconds": round(fitted.seconds, 3),
+        "epochs_run": len(fitted.history.get("loss", [])),
+        "best_epoch": fitted.best_epoch,
+        **(extra_marker or {}),
+    })
