@@ -11,13 +11,14 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 import shardformat
-from stage2_classify.data import DatasetError, labelled_mask, read_split_file
+from stage2_classify.data import DatasetError, labelled_mask
 from stage2_classify.neighbours import nearest_neighbours, normalise
 from stage2_classify.predict import _atomic_write
 from stage2_classify import quality
@@ -48,7 +49,7 @@ class DoctorResult:
                  f"  near dups       {c['near_pairs']} pairs at cosine >= {self.summary['thresholds']['near']} "
                  f"({c['near_label_conflicts']} with different labels)",
                  f"  leakage         {c['leak_pairs']} duplicate pairs across splits"
-                 + ("" if self.summary["splits"]["known"] else " (splits unknown: pass --run or --split-file)"),
+                 + ("" if self.summary["splits"]["known"] else " (splits unknown)"),
                  f"  outliers        {c['outliers']}"]
         lines += [f"  note            {n}" for n in self.summary["notes"]]
         if self.report:
@@ -66,8 +67,9 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
     ``oof``: out-of-fold probabilities (a DataFrame, or a Parquet/CSV file with ``path`` and ``prob_<class>``
     columns); without it they are computed with ``stage2_classify.cv.cross_validate(folds, seed)``.
     Splits for the leakage check come from ``run`` (a training run's ``split.csv``/``split.json``) or
-    ``split_file`` (columns ``path,split``). ``images``: where the image files are, for the report's
-    thumbnails (default: the root stage 1 recorded in ``_run.json``).
+    ``split_file`` (columns ``path,split``), else from the content-keyed split ``train`` makes with ``seed``.
+    ``images``: where the image files are, for the report's thumbnails (default: the root stage 1 recorded
+    in ``_run.json``).
     """
     if not 0 < near_threshold <= 1:
         raise ValueError(f"near_threshold is a cosine similarity in (0, 1], not {near_threshold}")
@@ -90,7 +92,7 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
     timings["load"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    splits, split_source = _splits(paths, content_ids, labels, run, split_file, seed, notes)
+    splits, split_source = _splits(paths, content_ids, labels, fs.groups, run, split_file, seed, notes)
     unit = normalise(fs.features)
     nb = nearest_neighbours(unit, neighbours, backend=backend, normalised=True)
     timings["neighbours"] = time.perf_counter() - t
@@ -112,7 +114,10 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
                                                         progress, notes)
     scored = np.flatnonzero(np.isfinite(probs).all(axis=1) & np.isin(labels, oof_classes))
     y_oof = np.searchsorted(oof_classes, labels[scored].astype(str)) if len(scored) else np.zeros(0, np.int64)
-    issues = quality.label_issues(paths[scored], y_oof, probs[scored], oof_classes)
+    with warnings.catch_warnings(record=True) as caught:  # cleanlab's warnings (e.g. tiny classes) become notes
+        warnings.simplefilter("always")
+        issues = quality.label_issues(paths[scored], y_oof, probs[scored], oof_classes)
+    notes += sorted({f"cleanlab: {w.message}" for w in caught if issubclass(w.category, UserWarning)})
     timings["label_issues"] = time.perf_counter() - t
 
     out = Path(out).expanduser()
@@ -157,30 +162,45 @@ def _write_csv(frame: pd.DataFrame, path: Path) -> None:
     _atomic_write(lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"), str(path))
 
 
-def _splits(paths, content_ids, labels, run, split_file, seed, notes) -> tuple[np.ndarray, str]:
-    """Each row's split name (train / validation / test), or "" where unknown, and where they came from."""
+def _splits(paths, content_ids, labels, groups, run, split_file, seed, notes) -> tuple[np.ndarray, str]:
+    """Each row's split name (train / validation / test), or "" where unknown, and where they came from.
+
+    A run's ``split.csv`` (``split.json`` for older runs) or a split file is matched by path first, then by
+    content id, so two copies the file put in different splits show up as a leak. Without either, the split
+    ``train`` would make by default (keyed by content, so exact copies share a split) is checked.
+    """
+    from stage2_classify.splitfile import read_split_file
+
     splits = np.full(len(paths), "", dtype=object)
     if run is not None:
         run_dir = Path(run).expanduser()
-        if (run_dir / "split.csv").is_file():
-            split_file = run_dir / "split.csv"
-        elif (run_dir / "split.json").is_file():
-            assigned = json.loads((run_dir / "split.json").read_text())
-            where = pd.Series(np.arange(len(paths)), index=paths)
-            for name, members in assigned.items():
-                if name in ("train", "validation", "test"):
-                    splits[where.reindex(members).dropna().astype(int).to_numpy()] = name
-            return splits, f"{run_dir / 'split.json'}"
-        else:
+        split_file = next((run_dir / n for n in ("split.csv", "split.json") if (run_dir / n).is_file()), None)
+        if split_file is None:
             raise DoctorError(f"{run_dir}: no split.csv or split.json; pass the directory train wrote")
     if split_file is not None:
-        file_paths, names = read_split_file(split_file)
-        lookup = pd.Series(names.to_numpy(zero_copy_only=False), index=file_paths.to_numpy(zero_copy_only=False))
-        found = lookup.reindex(paths)
-        splits[found.notna().to_numpy()] = found.dropna().to_numpy()
+        table = read_split_file(split_file).to_pandas()
+        by_path = table.dropna(subset=["path"]).drop_duplicates("path").set_index("path")["split"]
+        by_content = table.dropna(subset=["content_id"]).drop_duplicates("content_id").set_index("content_id")["split"]
+        found = by_path.reindex(paths).to_numpy(dtype=object)
+        missing = pd.isna(found)
+        found[missing] = by_content.reindex(content_ids[missing]).to_numpy(dtype=object)
+        known = pd.notna(found)
+        splits[known] = found[known]
+        if not known.any():
+            raise DoctorError(f"{split_file}: none of the shards' paths or content ids are in it")
+        if not known.all():
+            notes.append(f"{int((~known).sum())} rows are not in {Path(split_file).name}: their split is unknown")
         return splits, os.fspath(split_file)
-    notes.append("splits unknown: pass --run RUN (a training run) or --split-file to check for leakage")
-    return splits, "unknown"
+    from stage2_classify.split import content_split
+    from stage2_classify.train import TrainOptions
+
+    labelled = np.flatnonzero(labels != "")
+    defaults = TrainOptions(seed=seed)
+    parts = content_split(content_ids[labelled], labels[labelled].astype(str), groups[labelled],
+                          val_fraction=defaults.val_fraction, test_fraction=defaults.test_fraction, seed=seed)
+    for name, rows in parts.items():
+        splits[labelled[rows]] = name
+    return splits, f"the content-keyed split train makes by default (seed {seed}); pass --run RUN for a run's own"
 
 
 def _oof_probabilities(shards, oof, paths, labels, has_label, folds, seed, progress, notes):

@@ -70,7 +70,7 @@ def planted(tmp_path_factory):
                                 labels=[labels[i] for i in idx], content_ids=[ids[i] for i in idx],
                                 file_sizes=[1] * len(idx), mtimes_ns=[0] * len(idx), features=x[idx])
     oof = _oof(x, labels, paths)
-    return {"shards": shards, "oof": oof, "truth": truth, "paths": paths, "labels": labels}
+    return {"shards": shards, "oof": oof, "truth": truth, "paths": paths, "labels": labels, "ids": ids}
 
 
 def test_finds_planted_problems(planted, tmp_path):
@@ -100,8 +100,12 @@ def test_finds_planted_problems(planted, tmp_path):
 
     c = result.summary["counts"]
     assert c["exact_conflicting_groups"] == 3 and c["exact_pairs"] == 5 and c["near_pairs"] == 5
-    assert c["rows"] == 333 and c["scored"] == 333 and c["leak_pairs"] == 0
-    assert not result.summary["splits"]["known"]
+    assert c["rows"] == 333 and c["scored"] == 333
+    # no run given: the split train makes by default, keyed by content, so exact copies never straddle it
+    assert result.summary["splits"]["known"] and "content-keyed" in result.summary["splits"]["source"]
+    assert not exact["leak"].any() and (exact["split_a"] == exact["split_b"]).all()
+    assert set(dups["split_a"]) <= {"train", "validation", "test"}
+    assert c["leak_pairs"] == int(near["leak"].sum())
     for name in ("label_issues.csv", "duplicates.csv", "outliers.csv", "doctor.json", "report.html"):
         assert (tmp_path / "out" / name).is_file()
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp")]
@@ -110,7 +114,7 @@ def test_finds_planted_problems(planted, tmp_path):
                                          "split_a", "split_b"]
     saved = json.loads((tmp_path / "out" / "doctor.json").read_text())
     assert saved["counts"] == c and saved["thresholds"]["near"] == 0.95 and "cleanlab" in saved["method"]["label_issues"]
-    assert "splits unknown" in result.format()
+    assert "leakage" in result.format()
 
 
 def test_leakage_from_split_file_and_run_dir(planted, tmp_path):
@@ -128,11 +132,23 @@ def test_leakage_from_split_file_and_run_dir(planted, tmp_path):
     assert set(leaks["split_a"]) | set(leaks["split_b"]) == {"train", "test", "validation"}
     assert result.summary["counts"]["leak_pairs"] == 2 and result.report is None
 
-    run = tmp_path / "run"  # a run directory as stage2_classify.train writes it (split.json)
+    run = tmp_path / "old-run"  # a run directory as older versions of train wrote it (split.json)
     run.mkdir()
     (run / "split.json").write_text(json.dumps({"train": [p for p in planted["paths"] if p != b], "test": [b]}))
     result = doctor(planted["shards"], tmp_path / "b", oof=planted["oof"], run=run, report=False)
     assert result.summary["counts"]["leak_pairs"] == 1 and result.summary["splits"]["source"].endswith("split.json")
+
+    run = tmp_path / "run"  # split.csv as train writes it now: matched by path first, so copies can still leak
+    run.mkdir()
+    rows = pd.DataFrame({"path": list(split), "split": list(split.values())})
+    rows["content_id"] = rows["path"].map(dict(zip(planted["paths"], planted["ids"])))
+    rows.loc[rows["path"] == nbb, "split"] = "train"
+    rows.to_csv(run / "split.csv", index=False)
+    (run / "split.json").write_text("{}")  # ignored: split.csv wins
+    result = doctor(planted["shards"], tmp_path / "c", oof=planted["oof"], run=run, report=False)
+    assert result.summary["counts"]["leak_pairs"] == 1 and result.summary["splits"]["source"].endswith("split.csv")
+    with pytest.raises(DoctorError, match="no split.csv"):
+        doctor(planted["shards"], tmp_path / "d", oof=planted["oof"], run=tmp_path / "nothing", report=False)
 
 
 def test_oof_from_a_file_and_bad_oof(planted, tmp_path):
@@ -145,6 +161,7 @@ def test_oof_from_a_file_and_bad_oof(planted, tmp_path):
     result = doctor(planted["shards"], tmp_path / "b", oof=partial, report=False)
     assert result.summary["counts"]["scored"] == len(partial)
     assert any("no out-of-fold probabilities" in n for n in result.summary["notes"])
+    assert any(n.startswith("cleanlab: ") for n in result.summary["notes"])  # its warning on a small class
 
     with pytest.raises(DoctorError, match="prob_<class>"):
         doctor(planted["shards"], tmp_path / "c", oof=oof[["path", "label"]], report=False)
@@ -201,3 +218,11 @@ def test_cli(planted, tmp_path, capsys):
     assert main(["doctor", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "o2"),
                  "--oof", str(tmp_path / "oof.csv")]) == 1
     assert "no feature shards" in capsys.readouterr().err
+
+
+def test_without_oof_runs_cross_validation(planted, tmp_path):
+    result = doctor(planted["shards"], tmp_path / "out", folds=4, report=False)
+    assert result.summary["method"]["out_of_fold"] == "4-fold cross-validation, seed 0"
+    assert result.summary["counts"]["scored"] == 333
+    flipped = planted["truth"]["flipped"]
+    assert len(flipped & set(result.label_issues["path"].head(len(flipped) + 5))) >= 0.8 * len(flipped)

@@ -67,7 +67,7 @@ def real_run(tmp_path_factory):
     shutil.copyfile(images / "cat" / "cat_000.jpg", images / "space" / "copied_cat.jpg")  # a conflicting copy
     tiny = make_tiny_onnx(base / "tiny.onnx")
     extract(images, base / "feats", onnx=tiny, input_size=32, batch_size=8, workers=1, progress=False)
-    run = train(base / "feats", base / "run", epochs=5, batch_size=8, learning_rate=1e-2, verbose=0).run_dir
+    run = train(base / "feats", base / "run", epochs=5, batch_size=8, learning_rate=1e-2, progress=False).run_dir
     return base, images, run
 
 

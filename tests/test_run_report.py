@@ -49,7 +49,7 @@ def parse(path) -> _Page:
 def run_dir(tmp_path_factory):
     base = tmp_path_factory.mktemp("run-report")
     shards = write_synthetic_shards(base / "shards", counts=(40, 40, 40), noise=2.5)
-    return train(shards, base / "run", epochs=8, patience=3, batch_size=32, learning_rate=1e-2, verbose=0).run_dir
+    return train(shards, base / "run", epochs=8, patience=3, batch_size=32, learning_rate=1e-2, progress=False).run_dir
 
 
 def test_report_of_a_trained_run(run_dir, tmp_path):
@@ -61,11 +61,13 @@ def test_report_of_a_trained_run(run_dir, tmp_path):
     assert SECTIONS <= page.ids and page.other_urls == []
     metrics = json.loads((run / "metrics.json").read_text())
     assert f"{metrics['test']['accuracy']:.3f}" in page.text
-    assert page.data_images >= 2  # the curves and the confusion matrix, embedded
     for cls in metrics["classes"]:
         assert cls in page.text
-    if not (run / "predictions.parquet").exists():  # runs trained before predictions.parquet existed
-        assert "predictions.parquet is missing" in page.text
+    assert "95% bootstrap intervals" in page.text and "calibration error (ECE)" in page.text
+    assert "test images misclassified" in page.text or "test images are classified correctly" in page.text
+    assert page.data_images >= 3  # curves, confusion matrix, reliability diagram
+    (run / "predictions.parquet").unlink()  # as in runs trained before it existed
+    assert "predictions.parquet is missing" in parse(write_run_report(run)).text
     check_replaceable(run)  # a report beside the run does not stop training from replacing it
 
 
