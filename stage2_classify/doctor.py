@@ -49,7 +49,7 @@ class DoctorResult:
                  f"  near dups       {c['near_pairs']} pairs at cosine >= {self.summary['thresholds']['near']} "
                  f"({c['near_label_conflicts']} with different labels)",
                  f"  leakage         {c['leak_pairs']} duplicate pairs across splits"
-                 + ("" if self.summary["splits"]["known"] else " (splits unknown)"),
+                 + f" ({self.summary['splits']['source'] if self.summary['splits']['known'] else 'splits unknown'})",
                  f"  outliers        {c['outliers']}"]
         lines += [f"  note            {n}" for n in self.summary["notes"]]
         if self.report:
@@ -200,7 +200,7 @@ def _splits(paths, content_ids, labels, groups, run, split_file, seed, notes) ->
                           val_fraction=defaults.val_fraction, test_fraction=defaults.test_fraction, seed=seed)
     for name, rows in parts.items():
         splits[labelled[rows]] = name
-    return splits, f"the content-keyed split train makes by default (seed {seed}); pass --run RUN for a run's own"
+    return splits, f"train's default content-keyed split (seed {seed})"
 
 
 def _oof_probabilities(shards, oof, paths, labels, has_label, folds, seed, progress, notes):

@@ -67,11 +67,12 @@ def _issue_gallery(issues: pd.DataFrame, thumbs: Thumbnails) -> str:
     if issues.empty:
         return "<p>No likely label mistakes were found.</p>"
     tiles = [thumbs.tile(r.path, [f"given <b>{esc(r.label)}</b>", f'suggested <b class="flag">'
-                                  f"{esc(r.suggested_label)}</b>", f"score {r.score:.3f}"])
+                                  f"{esc(r.suggested_label)}</b>",
+                                  f"score {r.score:.3f} · P(given) {1 - r.score:.2g}"])
              for r in issues.head(GALLERY).itertuples()]
     more = f"<p class=muted>{len(issues) - GALLERY} more in label_issues.csv</p>" if len(issues) > GALLERY else ""
-    return ('<p class="muted">Most suspicious first. score = 1 − out-of-fold probability of the given label; '
-            f'the suggested label is the out-of-fold prediction.</p><div class="gallery">{"".join(tiles)}</div>'
+    return ('<p class="muted">Most suspicious first. score = 1 − P(given), the out-of-fold probability of the '
+            f'given label; the suggested label is the out-of-fold prediction.</p><div class="gallery">{"".join(tiles)}</div>'
             + more)
 
 
