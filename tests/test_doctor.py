@@ -2,7 +2,6 @@
 
 import json
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -226,3 +225,14 @@ def test_without_oof_runs_cross_validation(planted, tmp_path):
     assert result.summary["counts"]["scored"] == 333
     flipped = planted["truth"]["flipped"]
     assert len(flipped & set(result.label_issues["path"].head(len(flipped) + 5))) >= 0.8 * len(flipped)
+
+
+def test_unlabelled_or_single_class_shards_still_get_duplicates_and_outliers(tmp_path):
+    from stage2_classify.synthetic import write_synthetic_shards
+
+    shards = write_synthetic_shards(tmp_path / "feats", counts=(30,), unlabelled=40, dim=16)
+    result = doctor(shards, tmp_path / "out")
+    assert any("label issues not checked" in n for n in result.summary["notes"])
+    assert result.label_issues.empty and result.summary["counts"]["scored"] == 0
+    assert result.summary["counts"]["rows"] == 70 and result.summary["counts"]["labelled"] == 30
+    assert result.report.is_file()
