@@ -35,7 +35,13 @@ def _read_json(path: Path, missing: list[str]):
 def _fmt(value, digits: int = 3) -> str:
     if value is None or (isinstance(value, float) and not np.isfinite(value)):
         return "–"
-    return f"{value:.{digits}f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else str(value)
+    if isinstance(value, bool) or isinstance(value, (int, np.integer)):
+        return str(value)
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.{digits}f}"
+    if isinstance(value, dict):  # e.g. split sizes: "train 295 · validation 58 · test 68"
+        return " · ".join(f"{k} {_fmt(v)}" for k, v in value.items())
+    return str(value)
 
 
 def _with_interval(m: dict, name: str) -> str:
@@ -162,7 +168,7 @@ def write_run_report(run_dir: str | os.PathLike, out: str | os.PathLike | None =
                   ("head", "linear" if hidden == [] else f"hidden {hidden}, dropout {config.get('dropout')}"),
                   ("learning rate", config.get("learning_rate")), ("split sizes", config.get("split_sizes")),
                   ("split", config.get("split", "stratified random"))]
-    facts.append(("images", thumbs.root or "unknown (no thumbnails)"))
+    facts = [(k, _fmt(v)) for k, v in facts] + [("images", thumbs.root or "unknown (no thumbnails)")]
     run_notes = list((config or {}).get("notes") or [])
     if missing:
         run_notes.append(f"missing from the run directory: {', '.join(missing)}")
