@@ -200,7 +200,7 @@ def _splits(paths, content_ids, labels, groups, run, split_file, seed, notes) ->
                           val_fraction=defaults.val_fraction, test_fraction=defaults.test_fraction, seed=seed)
     for name, rows in parts.items():
         splits[labelled[rows]] = name
-    return splits, f"train's default content-keyed split (seed {seed})"
+    return splits, f"train's default content-keyed split, seed {seed}"
 
 
 def _oof_probabilities(shards, oof, paths, labels, has_label, folds, seed, progress, notes):
