@@ -74,10 +74,10 @@ def main(argv=None) -> int:
     assert (full.paths == drafted.paths).all() and (full.labels == drafted.labels).all()
 
     opts = TrainOptions(seed=args.seed)
-    split = make_split(full, opts)  # the same split (by path) for both
+    split = make_split(full, opts)  # the same split (keyed by content) for both
     heads = {}
     for draft, ds in data.items():
-        fitted = fit_head(ds, split, opts, verbose=0)
+        fitted = fit_head(ds, split, opts)
         metrics = evaluate_splits(fitted.model, ds, split)
         heads[draft] = fitted.model
         runs[draft].update({"test_accuracy": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"],

@@ -98,7 +98,8 @@ def main(argv=None) -> int:
     import torch
 
     import shardformat
-    from stage2_classify.data import load_dataset, stratified_split
+    from stage2_classify.data import load_dataset
+    from stage2_classify.split import content_split
     from stage2_classify.train import TrainOptions, fit_head
 
     nbytes = args.rows * args.dim * 4
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         load_plain = timed(lambda: shardformat.read_features(plain), args.repeats)
         naive_t = timed(naive, 1)
         ds = load_dataset(shards)
-        split = stratified_split(ds.y, seed=0)
+        split = content_split(ds.content_ids, ds.y, seed=0)
 
         runs = [("default (256, fp32)", dict(hidden=(256,)))]
         if not args.skip_extra:
@@ -130,7 +131,7 @@ def main(argv=None) -> int:
         train = {}
         for name, kw in runs:
             opts = TrainOptions(epochs=args.epochs, patience=args.epochs + 1, **kw)
-            r = timed(lambda: fit_head(ds, split, opts, verbose=0), args.train_repeats)
+            r = timed(lambda: fit_head(ds, split, opts), args.train_repeats)
             fitted = r.pop("value")
             train[name] = {**r, "epochs": len(fitted.history["loss"]),
                            "final_val_accuracy": round(fitted.history["val_accuracy"][-1], 4),

@@ -243,7 +243,7 @@ class FeatureSet:
     features: np.ndarray  # (n, dim) float32
     metadata: ShardMetadata | None
     shard_files: list[str]
-    groups: np.ndarray | None = None  # object array of str or None (None: no shard has a group)
+    groups: np.ndarray | None = None  # object array of str or None per row (all None when not given)
     duplicate_rows_dropped: int = 0  # rows that repeated a path and were left out (see read_features)
 
     def __post_init__(self) -> None:

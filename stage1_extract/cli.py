@@ -14,6 +14,16 @@ def _triple(text: str) -> tuple[float, float, float]:
     return tuple(parts)
 
 
+def _group_regex(text: str) -> str:
+    from stage1_extract.sources import compile_group_regex
+
+    try:
+        compile_group_regex(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--group-regex ")) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="stage1-extract",
@@ -28,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--images", help="class-folder tree (folder = label), flat folder, or CSV/Parquet list with 'path' "
                    "[, 'label', 'group']")
-    p.add_argument("--group-regex", default=None,
+    p.add_argument("--group-regex", type=_group_regex, default=None,
                    help="folder inputs: a regex with one capture group, searched in each relative path, giving the "
                    r"image's group (e.g. a patient: '(patient\d+)'); stage 2 never splits a group")
     p.add_argument("--out", help="output directory for the shards (created if needed)")

@@ -22,7 +22,7 @@ from shardformat import IncompatibleShardsError, ShardMetadata, read_index, reso
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
 from stage1_extract.plan import compact, make_plan
-from stage1_extract.sources import list_images
+from stage1_extract.sources import compile_group_regex, list_images
 from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -206,6 +206,7 @@ def extract(
     from stage1_extract.session import FeatureSession, wants_gpu
 
     t_start = time.perf_counter()
+    compile_group_regex(group_regex)  # a bad pattern fails now, not after the model export
     out = os.fspath(out)
     if "://" not in out:
         out = os.path.abspath(out)

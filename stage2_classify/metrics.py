@@ -106,37 +106,36 @@ def _auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> list[float | None]:
 def classification_metrics(y_true: np.ndarray, proba: np.ndarray, classes: list[str], *, bootstrap: bool = True,
                            resamples: int = 1000, seed: int = 0) -> dict:
     """Every metric of one split from true class indices and predicted probabilities (n, k)."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
-
     y_true = np.asarray(y_true, np.int64)
     proba = np.asarray(proba, np.float64)
-    k, n = len(classes), len(y_true)
-    labels = np.arange(k)
-    if n == 0:
+    k = len(classes)
+    if len(y_true) == 0:
         empty = dict.fromkeys(("precision", "recall", "specificity", "f1", "support", "roc_auc"))
         return {"n": 0, "accuracy": None, "balanced_accuracy": None, "macro_f1": None, "roc_auc_ovr": None,
                 "top_k_accuracy": {}, "log_loss": None, "per_class": {c: dict(empty) for c in classes},
                 "confusion_matrix": np.zeros((k, k), np.int64).tolist(), "ece": None, "reliability": []}
-    y_pred = proba.argmax(axis=1)
-    cm = confusion_matrix(y_true, y_pred, labels=labels)
-    present = np.flatnonzero(np.bincount(y_true, minlength=k) > 0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # zero-division warnings: undefined values become null below
-        precision, recall, f1, support = precision_recall_fscore_support(
-            y_true, y_pred, labels=labels, zero_division=np.nan)
-    stats = _confusion_stats(cm)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true": expected in small splits
-        return _full_report(y_true, proba, y_pred, cm, stats, precision, recall, f1, support, present, classes,
-                            bootstrap, resamples, seed)
+        # zero-division and "y_pred contains classes not in y_true" warnings are expected in small splits;
+        # the values they concern are reported as null below
+        warnings.simplefilter("ignore")
+        out = _report(y_true, proba, classes)
+    if bootstrap:
+        out["ci95"] = bootstrap_intervals(y_true, proba.argmax(axis=1), k, resamples=resamples, seed=seed)
+    return out
 
 
-def _full_report(y_true, proba, y_pred, cm, stats, precision, recall, f1, support, present, classes, bootstrap,
-                 resamples, seed) -> dict:
-    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss, top_k_accuracy_score
+def _report(y_true: np.ndarray, proba: np.ndarray, classes: list[str]) -> dict:
+    from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss,
+                                 precision_recall_fscore_support, top_k_accuracy_score)
 
     k = len(classes)
     labels = np.arange(k)
+    y_pred = proba.argmax(axis=1)
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    present = np.flatnonzero(np.bincount(y_true, minlength=k) > 0)
+    precision, recall, f1, support = precision_recall_fscore_support(y_true, y_pred, labels=labels,
+                                                                     zero_division=np.nan)
+    specificity = _confusion_stats(cm)["specificity"]
     auc = _auc_per_class(y_true, proba)
     per_class = {}
     for i, c in enumerate(classes):
@@ -144,12 +143,13 @@ def _full_report(y_true, proba, y_pred, cm, stats, precision, recall, f1, suppor
         per_class[c] = {
             "precision": _num(precision[i]),  # null when nothing was predicted as this class
             "recall": _num(recall[i]) if has_rows else None,
-            "specificity": _num(stats["specificity"][i]),
+            "specificity": _num(specificity[i]),
             "f1": _num(f1[i]) if has_rows else None,
             "support": int(support[i]) if has_rows else None,
             "roc_auc": auc[i],
         }
-    out = {
+    cal = reliability(y_true, proba)
+    return {
         "n": len(y_true),
         "accuracy": float(accuracy_score(y_true, y_pred)),
         "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
@@ -160,12 +160,9 @@ def _full_report(y_true, proba, y_pred, cm, stats, precision, recall, f1, suppor
         "log_loss": float(log_loss(y_true, _normalised(proba), labels=labels)),
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
+        "ece": cal["ece"],
+        "reliability": cal["bins"],
     }
-    cal = reliability(y_true, proba)
-    out["ece"], out["reliability"] = cal["ece"], cal["bins"]
-    if bootstrap:
-        out["ci95"] = bootstrap_intervals(y_true, y_pred, k, resamples=resamples, seed=seed)
-    return out
 
 
 def _normalised(proba: np.ndarray) -> np.ndarray:

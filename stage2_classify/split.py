@@ -6,11 +6,15 @@ duplicates and whole groups always land in one split. Nothing else enters the ha
 the path, the label's spelling, the backbone or the extraction run. Adding or removing images therefore
 never moves another image, and every backbone extracted from the same images gets the same split.
 
-A hash alone cannot promise small classes a validation and a test image (three images of a class all hash
-to training 34% of the time at 70/15/15), so after hashing, a class with at least 3 units that lacks one is
-*topped up*: the unit with the lowest second hash is moved from a split that can spare it (training first).
-Only these few top-ups in small classes can change when images are added to such a class; a frozen split
-(``split.csv`` of an earlier run passed back as ``--split-file``) fixes them too. See ``docs/stage2.md``.
+A hash alone gives split sizes that vary like coin flips, which matters only for small collections (120
+images: a test split of 18 ± 4), and cannot promise small classes a validation and a test image (three images
+of a class all hash to training 34% of the time at 70/15/15). So after hashing, two corrections move as few
+units as possible, lowest second hash first: a class with at least 3 units that lacks a validation or test
+unit is *topped up* from a split that can spare one (training first); then, when a split's share of the
+images is more than ``SIZE_TOLERANCE`` (3 points, at least one image) off its fraction, units move between
+splits until it is within it, never taking a class's last unit out of a split. Only these moved units can change when images are added (on
+1,000+ images the size correction is rarely needed, at 50,000 never); a frozen split (``split.csv`` of an
+earlier run passed back as ``--split-file``) fixes them too. See ``docs/stage2.md``.
 """
 
 from __future__ import annotations
@@ -22,6 +26,8 @@ import numpy as np
 SPLITS = ("train", "validation", "test")
 TRAIN, VALIDATION, TEST = 0, 1, 2
 UNASSIGNED = -1
+#: largest allowed gap between a split's share of the images and its fraction before units are moved
+SIZE_TOLERANCE = 0.03
 
 
 def _present(values: np.ndarray) -> np.ndarray:
@@ -79,16 +85,44 @@ def content_split(content_ids: np.ndarray, y: np.ndarray, groups: np.ndarray | N
     u = np.array([_score(seed, "split", k) for k in unit_names])
     w = np.array([_score(seed, "top-up", k) for k in unit_names])
     assigned = np.where(u < test_fraction, TEST, np.where(u < test_fraction + val_fraction, VALIDATION, TRAIN))
-    _top_up(assigned, w, unit_of_row, np.unique(np.asarray(y).astype(str), return_inverse=True)[1].reshape(-1),
-            val_fraction, test_fraction)
+    y_codes = np.unique(np.asarray(y).astype(str), return_inverse=True)[1].reshape(-1)
+    pairs = np.unique(np.stack([y_codes, unit_of_row], axis=1), axis=0)  # (class, unit) memberships
+    _top_up(assigned, w, pairs, val_fraction, test_fraction)
+    _balance(assigned, w, np.bincount(unit_of_row, minlength=len(unit_names)), pairs,
+             np.array([1 - val_fraction - test_fraction, val_fraction, test_fraction]))
     codes = assigned[unit_of_row]
     return {name: np.flatnonzero(codes == i).astype(np.int64) for i, name in enumerate(SPLITS)}
 
 
-def _top_up(assigned: np.ndarray, w: np.ndarray, unit_of_row: np.ndarray, y: np.ndarray,
-            val_fraction: float, test_fraction: float) -> None:
+def _balance(assigned: np.ndarray, w: np.ndarray, size: np.ndarray, pairs: np.ndarray,
+             fractions: np.ndarray) -> None:
+    """Move units one by one (lowest second hash first) from the fullest split to the emptiest until every
+    split's image count is within ``SIZE_TOLERANCE`` of its fraction (at least one image of slack).
+
+    A unit that is its class's last in its split stays: sizes never cost a class its test or training image.
+    Moves are rare beyond a few hundred images (the hash alone lands within the tolerance), so the loop is short.
+    """
+    total = size.sum()
+    target = fractions * total
+    slack = max(1.0, SIZE_TOLERANCE * total)
+    n_classes = int(pairs[:, 0].max()) + 1
+    for _ in range(len(assigned)):
+        gap = np.bincount(assigned, weights=size, minlength=len(SPLITS)) - target
+        short, over = int(np.argmin(gap)), int(np.argmax(gap))
+        if -gap[short] <= slack and gap[over] <= slack:
+            return
+        per_class = np.bincount(pairs[:, 0] * len(SPLITS) + assigned[pairs[:, 1]],
+                                minlength=n_classes * len(SPLITS)).reshape(n_classes, len(SPLITS))
+        last = pairs[per_class[pairs[:, 0], assigned[pairs[:, 1]]] == 1, 1]
+        donors = np.setdiff1d(np.flatnonzero(assigned == over), last)
+        if len(donors) == 0:
+            return
+        assigned[donors[np.argmin(w[donors])]] = short
+
+
+def _top_up(assigned: np.ndarray, w: np.ndarray, pairs: np.ndarray, val_fraction: float,
+            test_fraction: float) -> None:
     """Give every class with >= 3 units one validation and one test unit, moving as few units as possible."""
-    pairs = np.unique(np.stack([y, unit_of_row], axis=1), axis=0)  # (class, unit) memberships
     units_by_class = np.split(pairs[:, 1], np.flatnonzero(np.diff(pairs[:, 0])) + 1)
     # Classes in an order that does not depend on their names: smallest first, then by their units' hashes.
     order = sorted(range(len(units_by_class)), key=lambda c: (len(units_by_class[c]), w[units_by_class[c]].min()))
@@ -109,7 +143,8 @@ def _top_up(assigned: np.ndarray, w: np.ndarray, unit_of_row: np.ndarray, y: np.
 
 
 def split_notes(y: np.ndarray, classes: list[str], split: dict[str, np.ndarray],
-                content_ids: np.ndarray | None = None, groups: np.ndarray | None = None) -> list[str]:
+                content_ids: np.ndarray | None = None, groups: np.ndarray | None = None,
+                from_file: bool = False) -> list[str]:
     """Human notes on a split: classes missing from a split and why, groups or duplicates that straddle
     splits (possible only with a split file), rows a split file left out."""
     notes = []
@@ -124,8 +159,8 @@ def split_notes(y: np.ndarray, classes: list[str], split: dict[str, np.ndarray],
         missing = [c for c, k, t in zip(classes, counts, train_counts) if k == 0 and t > 0]
         if missing:
             shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-            why = "fewer than 3 images (or groups) to stratify; kept for training" if units is not None else \
-                "not in the split file's " + name + " rows"
+            why = (f"not in the split file's {name} rows" if from_file
+                   else "fewer than 3 images or groups: too few to give every split one")
             notes.append(f"no {name} rows for {shown} ({why})")
     untrained = [c for c, t in zip(classes, np.bincount(y[split["train"]], minlength=len(classes))) if t == 0]
     if untrained:

@@ -145,7 +145,8 @@ def _keep_best(run_dir: str, shards, ds: Dataset, split, base: TrainOptions, tra
     writer = RunWriter(run_dir)
     try:
         final = write_run(writer, shards=shards, ds=ds, split=split,
-                          notes=split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups), opts=opts,
+                          notes=split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups,
+                                           from_file=bool(base.split_file)), opts=opts,
                           fitted=fitted, metrics=metrics, proba=proba, split_info=split_info(base),
                           extra_marker={"chosen_by": "sweep"})
     except BaseException:

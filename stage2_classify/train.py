@@ -291,7 +291,7 @@ def train_with_options(shards, out, opts: TrainOptions, *, dataset: Dataset | No
     split = make_split(ds, opts)
     if len(split["train"]) == 0:
         raise DatasetError(f"{os.fspath(shards)}: no training rows after the split")
-    notes = split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups)
+    notes = split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups, from_file=bool(opts.split_file))
     fitted = fit_head(ds, split, opts, progress=progress)
     proba = predict_proba(fitted.model, ds.features)
     metrics = metrics_by_split(ds, proba, split, seed=opts.seed)

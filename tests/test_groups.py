@@ -112,3 +112,20 @@ def test_extract_writes_groups_and_a_changed_group_is_rewritten(tmp_path):
     assert s.extracted == len(files)  # the group is part of a row's identity: new groups, new rows
     fs = shardformat.read_features(out)
     assert len(fs) == len(files) and dict(zip(fs.paths, fs.groups)) == {p: "g-" + p for p in files}
+
+
+def test_group_regex_on_the_command_line(tmp_path, capsys):
+    from stage1_extract.cli import main
+
+    root = make_image_tree(tmp_path / "imgs", per_class=2)
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    out = tmp_path / "out"
+    assert main(["--images", str(root), "--out", str(out), "--onnx", str(tiny), "--input-size", "32",
+                 "--group-regex", r"^(cat|space)/", "--no-progress"]) == 0
+    assert "2 path(s) did not match --group-regex" in capsys.readouterr().out
+    fs = shardformat.read_features(out)
+    assert {p.split("/")[0]: g for p, g in zip(fs.paths, fs.groups)} == {"cat": "cat", "space": "space",
+                                                                         "coffee": None}
+    with pytest.raises(SystemExit):
+        main(["--images", str(root), "--out", str(out), "--group-regex", "nogroup"])
+    assert "exactly one capture group" in capsys.readouterr().err

@@ -57,6 +57,18 @@ def test_adding_images_moves_no_earlier_image():
     assert assignment(fewer, content_split(fewer, y[100:], seed=0)) == {i: before[i] for i in fewer}
 
 
+@pytest.mark.parametrize("n", [20, 60, 120, 400])
+def test_small_collections_get_split_sizes_close_to_the_fractions(n):
+    for seed in range(15):
+        ids = np.array([f"s{seed}-{i}" for i in range(n)], dtype=object)
+        split = content_split(ids, np.arange(n) % 3, seed=seed)
+        # within 3 points (at least one image); below ~40 images one more per class may come from the top-up
+        # that gives each of the 3 classes a validation and a test image
+        slack = max(1, 0.03 * n) + (2 if n < 40 else 0)
+        for name in ("validation", "test"):
+            assert abs(len(split[name]) - 0.15 * n) <= slack, (n, seed, name, len(split[name]))
+
+
 def test_duplicates_and_groups_share_a_split():
     ids = np.array([f"c{i}" for i in range(400)] + ["c0", "c1", "c1"], dtype=object)
     y = np.array([i % 4 for i in range(400)] + [0, 1, 1])

@@ -61,7 +61,7 @@ def test_run_directory_contents(shards, tmp_path):
     config = json.loads((run / "config.json").read_text())
     assert config["hidden"] == [256] and config["unlabelled_rows_left_out"] == 5
     sizes = config["split_sizes"]
-    assert sum(sizes.values()) == 120 and all(abs(sizes[k] - 18) <= 6 for k in ("validation", "test"))
+    assert sum(sizes.values()) == 120 and all(abs(sizes[k] - 18) <= 4 for k in ("validation", "test"))
     assert config["split"]["method"] == "content-hash" and len(config["labels_sha256"]) == 64
     history = json.loads((run / "history.json").read_text())
     assert {"loss", "accuracy", "val_loss", "val_accuracy"} <= set(history)
