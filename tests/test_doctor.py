@@ -1,6 +1,7 @@
 """The data doctor's mechanics on synthetic vectors with planted problems (real images: test_doctor_real.py)."""
 
 import json
+import re
 from html.parser import HTMLParser
 
 import numpy as np
@@ -236,3 +237,23 @@ def test_unlabelled_or_single_class_shards_still_get_duplicates_and_outliers(tmp
     assert result.label_issues.empty and result.summary["counts"]["scored"] == 0
     assert result.summary["counts"]["rows"] == 70 and result.summary["counts"]["labelled"] == 30
     assert result.report.is_file()
+
+
+def test_thumbnails_come_from_the_root_stage1_recorded(tmp_path):
+    from stage1_extract import extract
+    from tests.helpers import make_image_tree, make_tiny_onnx
+
+    images = make_image_tree(tmp_path / "images", per_class=6)
+    extract(images, tmp_path / "feats", onnx=make_tiny_onnx(tmp_path / "tiny.onnx"), input_size=32, batch_size=8,
+            workers=1, progress=False)
+    assert json.loads((tmp_path / "feats" / "_run.json").read_text())["images_root"] == str(images.resolve())
+    fs = shardformat.read_features(tmp_path / "feats")
+    classes = sorted(set(fs.labels))
+    oof = pd.DataFrame({"path": fs.paths, **{f"prob_{c}": np.full(len(fs), 1 / 3) for c in classes}})
+    result = doctor(tmp_path / "feats", tmp_path / "out", oof=oof, outlier_z=-100)  # every image an "outlier"
+    text = result.report.read_text()
+    assert len(set(re.findall(r'src="(data:image/jpeg[^"]+)"', text))) == len(fs) and "file missing" not in text
+    (images / "cat" / "cat_000.jpg").unlink()
+    text = doctor(tmp_path / "feats", tmp_path / "out", oof=oof, outlier_z=-100).report.read_text()
+    assert len(set(re.findall(r'src="(data:image/jpeg[^"]+)"', text))) == len(fs) - 1
+    assert "missing image files: 1 under" in text and "file missing" in text
