@@ -93,6 +93,9 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
 
     t = time.perf_counter()
     splits, split_source = _splits(paths, content_ids, labels, fs.groups, run, split_file, seed, notes)
+    timings["splits"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     unit = normalise(fs.features)
     nb = nearest_neighbours(unit, neighbours, backend=backend, normalised=True)
     timings["neighbours"] = time.perf_counter() - t
@@ -145,6 +148,8 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
     _write_csv(duplicates, out / "duplicates.csv")
     _write_csv(outliers, out / "outliers.csv")
     report_path = None
+    if not report and (out / "report.html").exists():
+        (out / "report.html").unlink()  # a report from an earlier run would contradict the new files
     if report:
         from stage2_classify.doctor_report import write_doctor_report
 

@@ -210,11 +210,13 @@ def test_cli(planted, tmp_path, capsys):
     from stage2_classify.cli import main
 
     planted["oof"].to_csv(tmp_path / "oof.csv", index=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "report.html").write_text("a report from an earlier run")
     assert main(["doctor", "--shards", str(planted["shards"]), "--out", str(tmp_path / "out"),
                  "--oof", str(tmp_path / "oof.csv"), "--near-threshold", "0.99", "--no-report"]) == 0
     out = capsys.readouterr().out
     assert "doctor done" in out and "exact dups      5 groups (3 with conflicting labels)" in out
-    assert not (tmp_path / "out" / "report.html").exists()
+    assert not (tmp_path / "out" / "report.html").exists()  # not left to contradict the new files
     assert main(["doctor", "--shards", str(tmp_path / "none"), "--out", str(tmp_path / "o2"),
                  "--oof", str(tmp_path / "oof.csv")]) == 1
     assert "no feature shards" in capsys.readouterr().err
