@@ -40,6 +40,7 @@ class ExtractSummary:
     out: str
     backbone: str
     provider: str
+    images_root: str = ""  # what shard paths are relative to (the data doctor's report finds thumbnails there)
     listed: int = 0
     extracted: int = 0
     already_done: int = 0
@@ -204,6 +205,7 @@ class Run:
                                       errors_known=len(self.plan.known_errors) + self.listing_known,
                                       empty_classes=listing.empty_classes, ungrouped=listing.ungrouped,
                                       hidden_folders=listing.hidden_folders)
+        self.summary.images_root = listing.root
         if strict and (self.listing_errors or self.plan.known_errors):
             first = (self.listing_errors or self.plan.known_errors)[0]
             write_errors(out, self.listing_errors + self.plan.known_errors)

@@ -19,6 +19,7 @@ EPILOG = """examples:
   stage2-classify sweep    --shards feats --out sweeps/a --hidden 0,256,512,512x256 --dropout 0.2,0.4
   stage2-classify cv       --shards feats --out cv/a --folds 5
   stage2-classify train    --shards other_backbone_feats --out runs/b --split-file work/runs/first/split.csv
+  stage2-classify doctor   --shards feats --out doctor --run work/runs/first
 """
 
 
@@ -86,7 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train, evaluate and use a Keras dense classifier (torch backend) on cached feature shards.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,predict,export,sweep,cv}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{train,evaluate,predict,export,sweep,cv,doctor}")
     t = sub.add_parser("train", help="train a head and write a run directory (model, metrics, plots)",
                        description="Train a dense head on labelled shards; writes model.keras, labels.json, "
                        "shard_metadata.json, config.json, metrics.json, history.json, split.csv, "
@@ -183,7 +185,37 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=50, help="--head train: most epochs per fold (default 50)")
     c.add_argument("--class-weight", choices=["auto", "balanced", "none"], default="auto")
     c.add_argument("--quiet", action="store_true", help="no per-fold progress (the summary is still printed)")
+    _doctor_parser(sub)
     return parser
+
+
+def _doctor_parser(sub) -> None:
+    from stage2_classify.quality import NEAR_THRESHOLD, NEIGHBOURS, OUTLIER_Z
+
+    d = sub.add_parser("doctor", help="find likely label mistakes, duplicates, split leakage and outliers",
+                       description="Checks labelled shards for likely-mislabelled images (confident learning on "
+                       "out-of-fold probabilities), exact and near-duplicates (and those across splits), and "
+                       "outliers; writes label_issues.csv, duplicates.csv, outliers.csv, doctor.json and a "
+                       "self-contained report.html into --out.")
+    d.add_argument("--shards", required=True, help="directory (or URI) of labelled feature shards")
+    d.add_argument("--out", required=True, help="folder for the findings and report.html")
+    d.add_argument("--images", default=None, help="image root for thumbnails (default: the root stage 1 recorded)")
+    d.add_argument("--oof", default=None, help="out-of-fold probabilities (Parquet/CSV: path, prob_<class>…) "
+                   "instead of running cross-validation")
+    d.add_argument("--run", default=None, help="a training run whose split is checked for leakage")
+    d.add_argument("--split-file", default=None, help="CSV/Parquet with columns path,split, for the leakage check")
+    d.add_argument("--near-threshold", type=float, default=NEAR_THRESHOLD,
+                   help=f"cosine similarity for near-duplicates (default {NEAR_THRESHOLD})")
+    d.add_argument("--neighbours", type=int, default=NEIGHBOURS,
+                   help=f"nearest neighbours per image (default {NEIGHBOURS})")
+    d.add_argument("--outlier-z", type=float, default=OUTLIER_Z,
+                   help=f"robust z-score an outlier must reach (default {OUTLIER_Z})")
+    d.add_argument("--folds", type=int, default=5, help="cross-validation folds when --oof is not given (default 5)")
+    d.add_argument("--seed", type=int, default=0, help="seeds the cross-validation and the map (default 0)")
+    d.add_argument("--backend", choices=["auto", "exact", "usearch"], default="auto",
+                   help="neighbour search: exact blocked products, or usearch's approximate index (default auto: "
+                   "exact up to 300,000 rows)")
+    d.add_argument("--no-report", action="store_true", help="write the CSV and JSON files only")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,6 +244,14 @@ def main(argv: list[str] | None = None) -> int:
                                        progress=not args.quiet)
             if args.quiet:
                 print(result.format())
+        elif args.command == "doctor":
+            from stage2_classify.doctor import doctor
+
+            result = doctor(args.shards, args.out, images=args.images, oof=args.oof, run=args.run,
+                            split_file=args.split_file, near_threshold=args.near_threshold,
+                            neighbours=args.neighbours, outlier_z=args.outlier_z, folds=args.folds, seed=args.seed,
+                            backend=args.backend, report=not args.no_report, progress=True)
+            print(result.format())
         elif args.command == "evaluate":
             print(s2.evaluate(args.shards, args.model, args.out).format())
         elif args.command == "predict":

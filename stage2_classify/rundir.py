@@ -27,6 +27,8 @@ KNOWN = set(REQUIRED) | {"history.json", "split.json", "split.csv", "predictions
                          "confusion_matrix.png", "reliability.png"}
 KNOWN |= {"ood.npz"}  # the open-set detector (stage2_classify/ood.py)
 
+KNOWN |= {"report.html"}  # stage2_classify.run_report writes it into the run directory
+
 
 class RunDirError(FileNotFoundError):
     """Not a complete stage-2 run directory, or a directory training must not replace."""

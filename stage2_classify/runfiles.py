@@ -9,14 +9,17 @@ import dataclasses
 import datetime as dt
 import hashlib
 import json
+import logging
 import os
 
 import numpy as np
 
 from stage2_classify.ood import fit_for_run as fit_ood_for_run
+from stage2_classify.run_report import write_run_report
 from stage2_classify.split import SPLITS, split_codes
 from stage2_classify.splitfile import split_table, write_split_csv
 
+log = logging.getLogger(__name__)
 LABELS_HASH_KEY = "labels_sha256"
 
 
@@ -74,7 +77,7 @@ def write_run(writer, *, shards, ds, split, notes, opts, fitted, metrics, proba,
                      writer.path("reliability.png"), title=f"reliability ({shown})")
     fitted.model.save(writer.path("model.keras"))
     fit_ood_for_run(writer.tmp, ds, split)  # the 'unknown' flag's detector (stage2_classify/ood.py)
-    return writer.commit({
+    final = writer.commit({
         "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "classes": len(ds.classes),
         LABELS_HASH_KEY: labels_sha,
@@ -83,3 +86,10 @@ def write_run(writer, *, shards, ds, split, notes, opts, fitted, metrics, proba,
         "best_epoch": fitted.best_epoch,
         **(extra_marker or {}),
     })
+    # The page is written once the run is complete (it shows the run's marker too). It is a view of files that
+    # are already safe: a failure here (e.g. a full disk) costs the page, never the trained run.
+    try:
+        write_run_report(final)
+    except OSError as exc:
+        log.warning("the run is saved in %s, but its report.html could not be written: %s", final, exc)
+    return final
