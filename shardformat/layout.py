@@ -49,6 +49,26 @@ def legacy_files(directory: str | os.PathLike) -> list[str]:
     return [f"{base}/{name}{query}" for name in (LEGACY_ERRORS_FILE, "_run.json")]
 
 
+def read_run_summary(directory: str | os.PathLike) -> dict:
+    """The last stage-1 run's summary of ``directory`` (``OUT.meta/run.json``, else an older ``OUT/_run.json``);
+    ``{}`` when there is none or it cannot be read (e.g. ``images_root`` for the reports' thumbnails)."""
+    import json
+
+    from shardformat.io import resolve
+
+    base, query = _base(directory)
+    for location in (meta_file(directory, "run.json"), f"{base}/_run.json{query}"):
+        try:
+            fs, path = resolve(location)
+            with fs.open_input_stream(path) as fh:
+                payload = json.loads(fh.read().decode())
+        except (OSError, ValueError):
+            continue
+        if isinstance(payload, dict):
+            return payload
+    return {}
+
+
 def _first_existing(path: str) -> str:
     while not os.path.lexists(path):
         parent = os.path.dirname(path)

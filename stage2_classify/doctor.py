@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 import shardformat
+from shardformat.layout import read_run_summary
 from stage2_classify.data import DatasetError, labelled_mask
 from stage2_classify.neighbours import nearest_neighbours, normalise
 from stage2_classify.predict import _atomic_write
@@ -69,7 +70,7 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
     Splits for the leakage check come from ``run`` (a training run's ``split.csv``/``split.json``) or
     ``split_file`` (columns ``path,split``), else from the content-keyed split ``train`` makes with ``seed``.
     ``images``: where the image files are, for the report's thumbnails (default: the root stage 1 recorded
-    in ``_run.json``).
+    in its run summary, ``OUT.meta/run.json``).
     """
     if not 0 < near_threshold <= 1:
         raise ValueError(f"near_threshold is a cosine similarity in (0, 1], not {near_threshold}")
@@ -265,15 +266,10 @@ def _read_table(path) -> pd.DataFrame:
 
 
 def _images_root(shards, images, notes) -> str | None:
-    """Where thumbnails are read from: ``images``, else the root stage 1 recorded in ``_run.json``."""
+    """Where thumbnails are read from: ``images``, else the root stage 1 recorded in its run summary."""
     if images is not None:
         return os.fspath(images)
-    try:
-        fs, root = shardformat.resolve(shards)
-        with fs.open_input_stream(f"{root}/_run.json") as fh:
-            recorded = json.loads(fh.read().decode()).get("images_root")
-    except (OSError, ValueError):
-        recorded = None
+    recorded = read_run_summary(shards).get("images_root")
     if not recorded:
         notes.append("no image root (pass --images ROOT): the report shows no thumbnails")
     return recorded

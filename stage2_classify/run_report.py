@@ -104,14 +104,9 @@ def _images_root(run: Path, config: dict | None, images) -> str | None:
     shards = (config or {}).get("shards")
     if not shards:
         return None
-    try:
-        import shardformat
+    from shardformat.layout import read_run_summary
 
-        fs, root = shardformat.resolve(shards)
-        with fs.open_input_stream(f"{root}/_run.json") as fh:
-            return json.loads(fh.read().decode()).get("images_root") or None
-    except (OSError, ValueError):
-        return None
+    return read_run_summary(shards).get("images_root") or None
 
 
 def _misclassified(run: Path, thumbs: Thumbnails, missing: list[str]) -> str:

@@ -243,12 +243,13 @@ def test_unlabelled_or_single_class_shards_still_get_duplicates_and_outliers(tmp
 
 def test_thumbnails_come_from_the_root_stage1_recorded(tmp_path):
     from stage1_extract import extract
+    from shardformat.layout import read_run_summary
     from tests.helpers import make_image_tree, make_tiny_onnx
 
     images = make_image_tree(tmp_path / "images", per_class=6)
     extract(images, tmp_path / "feats", onnx=make_tiny_onnx(tmp_path / "tiny.onnx"), input_size=32, batch_size=8,
             workers=1, progress=False)
-    assert json.loads((tmp_path / "feats" / "_run.json").read_text())["images_root"] == str(images.resolve())
+    assert read_run_summary(tmp_path / "feats")["images_root"] == str(images.resolve())
     fs = shardformat.read_features(tmp_path / "feats")
     classes = sorted(set(fs.labels))
     oof = pd.DataFrame({"path": fs.paths, **{f"prob_{c}": np.full(len(fs), 1 / 3) for c in classes}})

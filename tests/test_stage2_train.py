@@ -44,7 +44,7 @@ def test_run_directory_contents(shards, tmp_path):
     assert sorted(p.name for p in run.iterdir()) == sorted([
         "model.keras", "labels.json", "shard_metadata.json", "config.json", "metrics.json", "history.json",
         "split.csv", "predictions.parquet", "curves.png", "confusion_matrix.png", "reliability.png", "run.json",
-        "ood.npz"])
+        "ood.npz", "report.html"])
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]  # nothing left behind
     for png in ("curves.png", "confusion_matrix.png", "reliability.png"):
         assert (run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
