@@ -28,20 +28,23 @@ class PipelineResult:
     seconds: dict[str, float]
 
     def format(self) -> str:
+        from stage2_classify.metrics import format_metric
+
         test = self.metrics.get("test", {})
         val = self.metrics.get("validation", {})
         ex = self.extraction
         cached = "all cached" if ex.get("extracted", 0) == 0 else f"{ex['extracted']} extracted"
+        run = self.run_dir
         lines = [
             f"pipeline done ({self.backbone})",
             f"  stage 1: {cached}, {ex.get('already_done', 0)} already done, {ex.get('errors', 0)} errors "
             f"— {self.seconds['extract']:.1f}s  → {self.features_dir}",
-            f"  stage 2: validation accuracy {val.get('accuracy', float('nan')):.3f}, "
-            f"test accuracy {test.get('accuracy', float('nan')):.3f}, test macro-F1 {test.get('macro_f1', float('nan')):.3f} "
-            f"— {self.seconds['train']:.1f}s",
-            f"  model    {os.path.join(self.run_dir, 'model.keras')}",
-            f"  metrics  {os.path.join(self.run_dir, 'metrics.json')}",
-            f"  plots    {os.path.join(self.run_dir, 'curves.png')}, {os.path.join(self.run_dir, 'confusion_matrix.png')}",
+            f"  stage 2: validation {format_metric(val, 'accuracy')}; test {format_metric(test, 'accuracy')}, "
+            f"{format_metric(test, 'macro_f1', 'macro-F1')} — {self.seconds['train']:.1f}s",
+            f"  report   {os.path.join(run, 'report.html')}  (metrics, per-class table, calibration, mistakes)",
+            f"  model    {os.path.join(run, 'model.keras')}",
+            f"  metrics  {os.path.join(run, 'metrics.json')}  (95% bootstrap intervals in [ ])",
+            f"  plots    {os.path.join(run, 'curves.png')}, …/confusion_matrix.png, …/reliability.png",
         ]
         return "\n".join(lines)
 

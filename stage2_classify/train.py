@@ -235,8 +235,8 @@ def _summary(ds: Dataset, split, fitted: FittedHead, metrics: dict, run_dir: str
         lines.append(f"  note       {ds.duplicate_rows_dropped} shard rows repeated a path and were read once "
                      "(rerun stage1-extract to repair the shards)")
     lines += [f"  note       {note}" for note in notes]
-    lines.append("  files      model.keras, metrics.json, predictions.parquet, split.csv, curves.png, "
-                 "confusion_matrix.png, reliability.png")
+    lines.append("  files      report.html (open it in a browser), model.keras, metrics.json, predictions.parquet, "
+                 "split.csv, curves.png, confusion_matrix.png, reliability.png")
     return "\n".join(lines)
 
 
