@@ -36,47 +36,12 @@ def _remove_quietly(path: str) -> None:
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> str:
-    """Call ``write(fh)`` on a temporary binary file and move it to ``path`` only once it is complete.
-
-    Returns ``path`` as a string. Missing parent folders are created.
-    """
+    """Call ``write(fh)`` on a temporary binary file and move it to ``path`` only once it is complete
+    (:func:`shardformat.io.atomic_write_fs`, the writer of shards too). Returns ``path`` as a string;
+    missing parent folders are created."""
     target = os.fspath(path)
     fs, full = _io.resolve(target)
-    if not _io._is_local(fs):
-        import pyarrow.fs as pafs
-
-        parent, name = full.rsplit("/", 1)
-        fs.create_dir(parent, recursive=True)
-        if isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):  # one PUT: already all-or-nothing
-            with fs.open_output_stream(full) as out:
-                write(out)
-            return target
-        tmp = f"{parent}/{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}"
-        try:
-            with fs.open_output_stream(tmp) as out:
-                write(out)
-            fs.move(tmp, full)
-        except BaseException:
-            try:
-                fs.delete_file(tmp)
-            except Exception:
-                pass
-            raise
-        return target
-    parent, name = os.path.split(full)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f"{TMP_PREFIX}{uuid.uuid4().hex[:12]}-{name}")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, full)
-    except BaseException as exc:
-        _remove_quietly(tmp)
-        _name_the_file(exc, full)
-        raise
-    _io.fsync_dir(parent)
+    _io.atomic_write_fs(fs, full, write)
     return target
 
 

@@ -77,12 +77,13 @@ def _parquet_options(table: pa.Table, compression: str) -> dict:
     }
 
 
-def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compression: str = "zstd") -> None:
-    """Write ``table`` as Parquet to ``path`` so that ``path`` is either absent or complete.
+def atomic_write_fs(fs: pafs.FileSystem, path: str, write) -> None:
+    """Call ``write(file_object)`` so that ``path`` on ``fs`` is either absent (or as before) or complete.
 
-    On a local disk: temporary name in the same folder, fsync, rename, fsync of the folder. On
-    object stores a single PUT is already all-or-nothing, so the temporary name is skipped there.
-    A failure (disk full, permission) removes the temporary file and re-raises.
+    On a local disk: temporary name in the same folder, fsync, rename, fsync of the folder. On object stores a
+    single PUT is already all-or-nothing, so the temporary name is skipped there; other remote filesystems
+    write a temporary file and move it. A failure (disk full, permission) removes the temporary file and
+    re-raises, naming ``path`` when the error names no file ("[Errno 28] No space left on device: '…'").
     """
     parent, name = path.rsplit("/", 1)
     if _is_local(fs):
@@ -90,7 +91,7 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
         tmp = _temporary_name(parent, name)
         try:
             with open(tmp, "wb") as fh:
-                pq.write_table(table, fh, **_parquet_options(table, compression))
+                write(fh)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.replace(tmp, path)
@@ -100,19 +101,19 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
             except OSError:
                 pass
             if isinstance(exc, OSError) and exc.filename is None:
-                exc.filename = path  # "[Errno 28] No space left on device: '…/part-….parquet'", not a bare errno
+                exc.filename = path
             raise
         fsync_dir(parent)
         return
     fs.create_dir(parent, recursive=True)
     if isinstance(fs, (pafs.S3FileSystem, pafs.GcsFileSystem)):
         with fs.open_output_stream(path) as out:
-            pq.write_table(table, out, **_parquet_options(table, compression))
+            write(out)
         return
     tmp = _temporary_name(parent, name)
     try:
         with fs.open_output_stream(tmp) as out:
-            pq.write_table(table, out, **_parquet_options(table, compression))
+            write(out)
         fs.move(tmp, path)
     except BaseException:
         try:
@@ -120,6 +121,11 @@ def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compr
         except Exception:
             pass
         raise
+
+
+def atomic_write_table(table: pa.Table, fs: pafs.FileSystem, path: str, *, compression: str = "zstd") -> None:
+    """Write ``table`` as Parquet to ``path`` so that ``path`` is either absent or complete (:func:`atomic_write_fs`)."""
+    atomic_write_fs(fs, path, lambda fh: pq.write_table(table, fh, **_parquet_options(table, compression)))
 
 
 def write_shard(

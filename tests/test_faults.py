@@ -409,7 +409,7 @@ def test_disk_full_while_compacting_old_shards(small_tree, tmp_path, monkeypatch
 
 @pytest.mark.faults
 def test_disk_full_while_writing_the_run_summary(small_tree, tmp_path, monkeypatch):
-    import shardformat.files as writer_module  # the one atomic writer every small file goes through
+    import shardformat.io as writer_module  # the one atomic writer every file (shards, small files) goes through
 
     root, state, tiny, ref = small_tree
     out = tmp_path / "out"
