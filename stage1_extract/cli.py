@@ -91,9 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             precision=args.precision, workers=args.workers, threads=args.threads, strict=args.strict,
             shard_size=args.shard_size, draft=args.draft, decode=args.decode, progress=not args.no_progress,
         )
-    except KeyboardInterrupt:
-        print("interrupted: finished shards are kept; rerun the same command to resume", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        saved = "".join(f"; {note}" for note in getattr(exc, "__notes__", []))
+        by = getattr(exc, "signal_name", "Ctrl-C")
+        print(f"interrupted ({by}): finished shards are kept{saved}; rerun the same command to resume",
+              file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"stage1-extract: error: {exc}", file=sys.stderr)
         return 1

@@ -22,6 +22,7 @@ from shardformat import IncompatibleShardsError, ShardMetadata, read_index, reso
 from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
 from stage1_extract.lock import OutputLock
 from stage1_extract.plan import compact, make_plan
+from stage1_extract.signals import saved_note, sigterm_as_interrupt
 from stage1_extract.sources import list_images
 from stage1_extract.writer import ShardWriter, read_errors, run_stamp, write_errors, write_json
 
@@ -205,7 +206,7 @@ def extract(
                           resize=resize, mean=mean, std=std, interpolation=interpolation)
     meta = shard_metadata(model)
     listing = list_images(images)
-    with OutputLock(out) if "://" not in out else _nullcontext():
+    with OutputLock(out) if "://" not in out else _nullcontext(), sigterm_as_interrupt():
         plan, listing_errors, listing_known, summary = _open_run(out, model, meta, listing, provider, strict)
         new_errors: list[dict] = []
         timings = {"wait_decode": 0.0, "infer": 0.0, "write": 0.0, "decode_worker": 0.0}
@@ -232,7 +233,7 @@ def extract(
                             if it.row < 0:
                                 new_errors.append({"path": todo[it.index].path, "reason": it.reason,
                                                    "content_id": it.content_id, "file_size": it.file_size,
-                                                   "mtime_ns": it.mtime_ns})
+                                                   "mtime_ns": it.mtime_ns, "transient": it.transient})
                         if strict and new_errors:
                             break
                         if ok:
@@ -253,8 +254,9 @@ def extract(
                         bar.set_postfix(errors=len(new_errors), refresh=False)
                         t_wait = time.perf_counter()
                 writer.close()
-            except BaseException:
+            except BaseException as exc:
                 writer.abort()
+                saved_note(exc, writer.written_rows, len(writer.shards), out)
                 # Record what failed so far; finished shards are already safe on disk. On a full or read-only
                 # disk this write fails too: keep the original error (which names the shard), not this one.
                 try:
@@ -310,7 +312,8 @@ def plan_on(out: str, plan):
         return f"{base.rstrip('/')}/{shard.rsplit('/', 1)[-1]}{sep}{query}"
 
     return dataclasses.replace(plan, stale_rows={uri(s): n for s, n in plan.stale_rows.items()},
-                               keep={uri(s): k for s, k in plan.keep.items()})
+                               keep={uri(s): k for s, k in plan.keep.items()},
+                               refresh_mtime={uri(s): m for s, m in plan.refresh_mtime.items()})
 
 
 def _finish_run(out: str, meta: ShardMetadata, summary: ExtractSummary, plan, listing_errors: list[dict],

@@ -26,6 +26,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("content_id", pa.string()),
         pa.field("file_size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
+        pa.field("transient", pa.bool_()),  # not the file's fault: retried next run (null in older tables)
     ]
 )
 
