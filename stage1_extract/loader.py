@@ -39,6 +39,7 @@ MIN_TASK, MAX_TASK = 8, 32
 DEPTH = 2
 #: Seconds one image may take before the watchdog stops its worker (a hung decoder or file system).
 ITEM_TIMEOUT = float(os.environ.get("STAGE1_DECODE_TIMEOUT", "300"))
+STARTUP_TIMEOUT = 120.0  # seconds a new worker may take to import and take its first task
 _CELL_SHIFT = 20  # progress cell = task_id << 20 | position in the task: one aligned 64-bit store
 _CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGILL, signal.SIGSYS}
 
@@ -320,7 +321,9 @@ class DecodePool:
             cell = int(self._cells[w.position])
             if cell != w.progress[0]:
                 w.progress = (cell, now)
-            elif now - w.progress[1] > self.item_timeout:
+            # on an image of its task: the per-image limit; still starting up (imports): a generous one
+            on_item = cell >= 0 and cell >> _CELL_SHIFT == w.tasks[0].task_id
+            if now - w.progress[1] > (self.item_timeout if on_item else max(self.item_timeout, STARTUP_TIMEOUT)):
                 w.timed_out = True
                 w.proc.kill()  # its sentinel fires next: _on_death records the image it was stuck on
 
