@@ -392,7 +392,12 @@ class DecodePool:
                                  "out-of-memory killer (transient: retried next run)"), True
         else:
             reason, transient = f"decoder process crashed on this file ({cause})", False
-        self._finish(_Task(-1, running.batch, [culprit]), [(index, reason, transient, None, 0, 0)], 0.0)
+        try:  # identify the file as the next run's plan will, so that it knows this failure
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        except OSError:
+            size = mtime = 0
+        self._finish(_Task(-1, running.batch, [culprit]), [(index, reason, transient, None, size, mtime)], 0.0)
 
     def _batch(self, state: _BatchState) -> Batch:
         """The finished batch, its decoded rows moved together at the front of its slot."""
