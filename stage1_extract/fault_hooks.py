@@ -19,16 +19,16 @@ import os
 import signal
 import time
 
-_PLAN: dict[str, str] | None = None
+_PLAN: tuple[str, dict[str, str]] = ("", {})
 
 
 def _plan() -> dict[str, str]:
     global _PLAN
-    if _PLAN is None:
-        spec = os.environ.get("STAGE1_FAULTS", "")
+    spec = os.environ.get("STAGE1_FAULTS", "")
+    if spec != _PLAN[0]:
         pairs = (item.split(":", 1) for item in spec.split(";") if ":" in item)
-        _PLAN = {name: action for action, name in pairs}
-    return _PLAN
+        _PLAN = (spec, {name: action for action, name in pairs})
+    return _PLAN[1]
 
 
 def inject(path: str) -> None:

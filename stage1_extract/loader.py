@@ -242,6 +242,9 @@ class DecodePool:
                 done.append(state)
 
         self._finish, self._new_task = finish, new_task
+        for position, w in list(self._workers.items()):
+            if w.tasks:  # stopped when an earlier run was abandoned
+                self._replace(position)
         complete = False
         try:
             while True:
@@ -261,9 +264,9 @@ class DecodePool:
         finally:
             self._finish = self._new_task = None
             if not complete:  # abandoned mid-run: stop workers still writing into slots a next run would use
-                for position, w in list(self._workers.items()):
-                    if w.tasks:
-                        self._replace(position)
+                for w in self._workers.values():
+                    if w.tasks and w.proc.is_alive():
+                        w.proc.kill()  # replaced when the next run starts, if there is one
 
     def _dispatch(self, ready: collections.deque) -> None:
         """Hand tasks to workers with room, the least loaded first; a lone retry goes only to an idle worker."""
