@@ -226,3 +226,18 @@ def test_banded_conversion_equals_the_whole_image_arithmetic(monkeypatch):
     ]
     for img in cases:
         assert np.array_equal(np.asarray(decode._wide_to_gray(img)), _whole_image_gray(img)), img.mode
+
+
+def test_every_decoder_reads_through_read_image_with_the_size_limit(tree, monkeypatch):
+    from stage1_extract import decode
+    from stage1_extract.loader import _decode_one
+    from stage1_extract.preprocessing import Preprocessing
+    from stage1_extract.torch_decode import TorchDecoder
+
+    big = sorted(tree.rglob("cat_*.jpg"), key=lambda p: p.stat().st_size)[-1]
+    monkeypatch.setattr(decode, "MAX_FILE_BYTES", big.stat().st_size - 1)
+    prep = Preprocessing(32, 37)
+    with TorchDecoder(prep, batch_size=4, device="cpu") as dec:
+        (batch,) = list(dec.run([str(big)]))
+    assert batch.items[0].row == -1 and "MiB limit" in batch.items[0].reason  # the GPU decoder's reader too
+    assert "MiB limit" in _decode_one(str(big), prep, False, np.zeros((32, 32, 3), np.uint8))[0]
