@@ -168,8 +168,11 @@ class DecodePool:
         row_bytes = size * size * 3
         want_rows = max(1, batch_size)
         task = min(want_rows, task_size or min(MAX_TASK, max(MIN_TASK, -(-want_rows // self.workers))))
-        # Slots being filled (every worker holds DEPTH tasks) + one being inferred + one ready for it.
-        want_slots = slots or max(3, -(-self.workers * DEPTH * task // want_rows) + 2)
+        # Slots being filled (every worker holds DEPTH tasks) + one being inferred + one ready for it; small
+        # batches get the slack of 2 per worker (as many as 64 MiB holds), which evens out bursty decoding.
+        filling = -(-self.workers * DEPTH * task // want_rows)
+        slack = min(2 * self.workers + 1, (64 << 20) // (want_rows * row_bytes))
+        want_slots = slots or max(3, filling + 2, slack)
         self._shm, self.n_slots, self.batch_size = allocate_slots(
             _header_bytes(), row_bytes, want_slots, want_rows, min_slots=2 if slots is None else slots)
         self.task_size = max(1, min(task, self.batch_size))
