@@ -185,6 +185,7 @@ class DecodePool:
         self._workers: dict[int, _Worker] = {}  # position -> worker
         self._deaths_without_progress = 0
         self._bus_errors = 0
+        self._next_task_id = 0
         for position in range(self.workers):
             self._spawn(position)
 
@@ -217,12 +218,11 @@ class DecodePool:
         ready: collections.deque[_Task] = collections.deque()  # tasks not yet handed to a worker
         done: collections.deque[_BatchState] = collections.deque()
         open_batches = 0
-        next_id = 0
 
         def new_task(state, items, suspect=None, front=False):
-            nonlocal next_id
-            t = _Task(next_id, state, items, suspect)
-            next_id += 1
+            # ids never repeat, not even across runs: a progress cell must never match a task it is not on
+            t = _Task(self._next_task_id, state, items, suspect)
+            self._next_task_id += 1
             (ready.appendleft if front else ready.append)(t)
 
         def open_batch():
