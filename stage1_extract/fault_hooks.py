@@ -9,7 +9,10 @@ killed, an out-of-memory or EIO error on a chosen file… at a chosen point rath
 - ``hang``: sleeps forever (for the watchdog);
 - ``block``: the first time only (across processes), writes its pid to ``STAGE1_FAULTS_DIR/<name>.blocked``
   and sleeps until killed; the test waits for that file and then kills the worker;
-- ``eio``, ``oom``: raises ``OSError(EIO)`` or ``MemoryError`` (transient failures).
+- ``eio``, ``oom``: raises ``OSError(EIO)`` or ``MemoryError`` (transient failures);
+- ``sleepN``: sleeps N milliseconds (``bench/decode_pool.py``: a decoder of fixed cost, whatever the load).
+
+The name ``*`` matches every file.
 """
 
 from __future__ import annotations
@@ -36,8 +39,11 @@ def inject(path: str) -> None:
     plan = _plan()
     if not plan:
         return
-    action = plan.get(os.path.basename(path))
+    action = plan.get(os.path.basename(path)) or plan.get("*")
     if action is None:
+        return
+    if action.startswith("sleep"):
+        time.sleep(int(action[5:]) / 1000)
         return
     if action == "segv":
         import ctypes
