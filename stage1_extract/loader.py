@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 #: Images per task: small enough to spread one batch over every worker, large enough that the pipe round
 #: trip (~0.1 ms) is noise next to decoding (~1–25 ms an image).
-MIN_TASK, MAX_TASK = 8, 32
+MIN_TASK, MAX_TASK = 16, 32
 #: Tasks handed to a worker ahead of the one it decodes, so it never waits for the parent between tasks.
 DEPTH = 2
 #: Seconds one image may take before the watchdog stops its worker (a hung decoder or file system).
