@@ -41,7 +41,9 @@ DEPTH = 2
 ITEM_TIMEOUT = float(os.environ.get("STAGE1_DECODE_TIMEOUT", "300"))
 STARTUP_TIMEOUT = 120.0  # seconds a new worker may take to import and take its first task
 _CELL_SHIFT = 20  # progress cell = task_id << 20 | position in the task: one aligned 64-bit store
-_CRASH_SIGNALS = {signal.SIGSEGV, signal.SIGABRT, signal.SIGFPE, signal.SIGILL, signal.SIGSYS}
+# Deaths that say nothing about the image (the OOM killer or a user, the watchdog, an unknown end): retried
+# next run. Any other death while decoding one image twice (SIGSEGV, SIGABRT, an exit) is the file's fault.
+_NOT_THE_FILE = {"SIGKILL", "SIGTERM", "SIGINT", "timeout", "unknown"}
 
 
 class DecodePoolError(RuntimeError):
@@ -393,8 +395,9 @@ class DecodePool:
         if cause == "timeout":
             reason, transient = (f"decoding took over {self.item_timeout:.0f} s; the worker was stopped "
                                  "(transient: retried next run)"), True
-        elif cause == "SIGKILL" or running.suspect in ("SIGKILL", "timeout"):
-            reason, transient = ("decode worker was killed (SIGKILL) while decoding this file, e.g. by the "
+        elif cause in _NOT_THE_FILE or running.suspect in _NOT_THE_FILE:
+            killed = cause if cause in _NOT_THE_FILE else running.suspect
+            reason, transient = (f"decode worker was killed ({killed}) while decoding this file, e.g. by the "
                                  "out-of-memory killer (transient: retried next run)"), True
         else:
             reason, transient = f"decoder process crashed on this file ({cause})", False
