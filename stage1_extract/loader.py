@@ -5,7 +5,8 @@ small per-image records (identity, error reason) travel back, never pixel arrays
 small tasks (8–32 images) that every worker fills into the same slot, so any batch size keeps every worker
 busy and the first batch is ready after about ``batch / workers`` images per worker.
 
-The parent owns all dispatch: each worker has its own pipe (no shared queue, so no lock a dead worker can
+The parent owns all dispatch, in a thread of its own so that workers get new work while the caller runs
+inference: each worker has its own pipe (no shared queue, so no lock a dead worker can
 hold) and a progress cell in shared memory saying which image it is on. The parent knows every item it
 handed out; when a worker dies it reads the cell, re-dispatches the unfinished images, retries the one the
 worker died on alone, and records it only if that kills a worker again — with the signal as the reason.
@@ -20,7 +21,9 @@ import dataclasses
 import logging
 import multiprocessing as mp
 import os
+import queue
 import signal
+import threading
 import time
 from multiprocessing import connection, shared_memory
 from typing import Iterator, Sequence
@@ -188,6 +191,7 @@ class DecodePool:
         self._deaths_without_progress = 0
         self._bus_errors = 0
         self._next_task_id = 0
+        self._active = None  # (stop event, wake-up pipe, thread) of the run in progress
         for position in range(self.workers):
             self._spawn(position)
 
@@ -209,17 +213,69 @@ class DecodePool:
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live decode workers (for monitoring and fault tests)."""
-        return [w.proc.pid for w in self._workers.values()]
+        return [w.proc.pid for w in list(self._workers.values())]
 
     # ------------------------------------------------------------------------------------------------ run
 
     def run(self, paths: Sequence[str]) -> Iterator[Batch]:
+        """Decoded batches of ``paths``, in completion order; every path comes back exactly once.
+
+        A dispatcher thread owns the workers (dispatch, deaths, watchdog), so they are kept busy while the
+        caller runs inference on a batch; the caller's loop only takes finished batches and hands slots back.
+        """
+        for position, w in list(self._workers.items()):
+            if w.tasks:  # stopped when an earlier run was abandoned
+                self._replace(position)
+        out: queue.Queue = queue.Queue()
+        released: collections.deque[int] = collections.deque()  # slots the caller is done with
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        stop = threading.Event()
+        thread = threading.Thread(target=self._serve, args=(paths, out, released, wake_r, stop),
+                                  name="stage1-decode-dispatch", daemon=True)
+        self._active = (stop, wake_w, thread)
+        thread.start()
+        complete = False
+        try:
+            while True:
+                try:
+                    item = out.get(timeout=1.0)
+                except queue.Empty:
+                    if not thread.is_alive():  # pragma: no cover - the thread always reports how it ended
+                        raise DecodePoolError("the decode dispatcher stopped unexpectedly") from None
+                    continue
+                if item is None:
+                    complete = True
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                released.append(item.slot)  # the caller is done with the pixels
+                _wake(wake_w)
+        finally:
+            self._stop_dispatcher()
+            os.close(wake_r)
+            os.close(wake_w)
+            if not complete:  # abandoned mid-run: stop workers still writing into slots a next run would use
+                for w in self._workers.values():
+                    if w.tasks and w.proc.is_alive():
+                        w.proc.kill()  # replaced when the next run starts, if there is one
+
+    def _stop_dispatcher(self) -> None:
+        if self._active is not None:
+            stop, wake_w, thread = self._active
+            stop.set()
+            _wake(wake_w)
+            thread.join()
+            self._active = None
+
+    def _serve(self, paths, out: queue.Queue, released: collections.deque, wake_r: int, stop) -> None:
+        """The dispatcher thread: opens batches as slots free up, hands tasks out, collects results."""
         bs = self.batch_size
         starts = collections.deque(range(0, len(paths), bs))
         free_slots = collections.deque(range(self.n_slots))
         ready: collections.deque[_Task] = collections.deque()  # tasks not yet handed to a worker
-        done: collections.deque[_BatchState] = collections.deque()
-        open_batches = 0
+        unfinished = 0  # batches opened and not yet complete
 
         def new_task(state, items, suspect=None, front=False):
             # ids never repeat, not even across runs: a progress cell must never match a task it is not on
@@ -227,51 +283,39 @@ class DecodePool:
             self._next_task_id += 1
             (ready.appendleft if front else ready.append)(t)
 
-        def open_batch():
-            nonlocal open_batches
-            start, slot = starts.popleft(), free_slots.popleft()
-            n = min(bs, len(paths) - start)
-            state = _BatchState(slot=slot, first_row=slot * bs, pending=n)
-            for lo in range(0, n, self.task_size):
-                new_task(state, [(start + k, slot * bs + k, paths[start + k])
-                                 for k in range(lo, min(n, lo + self.task_size))])
-            open_batches += 1
-
         def finish(task: _Task, results: list[tuple], seconds: float) -> None:
+            nonlocal unfinished
             state = task.batch
             for (index, row, _), res in zip(task.items, results):
                 state.results[index] = (row - state.first_row, res)
             state.pending -= len(results)
             state.seconds += seconds
             if state.pending == 0:
-                done.append(state)
+                unfinished -= 1
+                out.put(self._batch(state))
 
         self._finish, self._new_task = finish, new_task
-        for position, w in list(self._workers.items()):
-            if w.tasks:  # stopped when an earlier run was abandoned
-                self._replace(position)
-        complete = False
         try:
-            while True:
+            while not stop.is_set():
+                while released:
+                    free_slots.append(released.popleft())
                 while starts and free_slots and len(ready) < self.workers * DEPTH:
-                    open_batch()
+                    start, slot = starts.popleft(), free_slots.popleft()
+                    n = min(bs, len(paths) - start)
+                    state = _BatchState(slot=slot, first_row=slot * bs, pending=n)
+                    for lo in range(0, n, self.task_size):
+                        new_task(state, [(start + k, slot * bs + k, paths[start + k])
+                                         for k in range(lo, min(n, lo + self.task_size))])
+                    unfinished += 1
                 self._dispatch(ready)
-                if done:
-                    state = done.popleft()
-                    yield self._batch(state)
-                    free_slots.append(state.slot)  # the consumer is done with the pixels
-                    open_batches -= 1
-                    continue
-                if open_batches == 0 and not starts:
-                    complete = True
+                if unfinished == 0 and not starts:
+                    out.put(None)
                     return
-                self._wait()
+                self._wait(wake_r)
+        except BaseException as exc:  # the caller raises it
+            out.put(exc)
         finally:
             self._finish = self._new_task = None
-            if not complete:  # abandoned mid-run: stop workers still writing into slots a next run would use
-                for w in self._workers.values():
-                    if w.tasks and w.proc.is_alive():
-                        w.proc.kill()  # replaced when the next run starts, if there is one
 
     def _dispatch(self, ready: collections.deque) -> None:
         """Hand tasks to workers with room, the least loaded first; a lone retry goes only to an idle worker."""
@@ -289,13 +333,17 @@ class DecodePool:
                     w.progress = (-1, time.monotonic())
                 w.tasks.append(task)
 
-    def _wait(self) -> None:
-        """Block until a worker reports or dies (or the watchdog's next check), and handle what happened."""
+    def _wait(self, wake_r: int) -> None:
+        """Block until a worker reports or dies, the caller frees a slot (``wake_r``) or the watchdog's next
+        check is due, and handle what happened."""
         by_conn = {w.conn: w for w in self._workers.values()}
         by_sentinel = {w.proc.sentinel: w for w in self._workers.values()}
-        ready = connection.wait(list(by_conn) + list(by_sentinel), timeout=1.0)
+        ready = connection.wait(list(by_conn) + list(by_sentinel) + [wake_r], timeout=1.0)
         dead = []
         for obj in ready:
+            if obj == wake_r:
+                os.read(wake_r, 4096)
+                continue
             w = by_conn.get(obj)
             if w is not None:
                 if not self._receive(w):
@@ -426,6 +474,7 @@ class DecodePool:
     # ---------------------------------------------------------------------------------------------- close
 
     def close(self) -> None:
+        self._stop_dispatcher()
         for w in self._workers.values():
             try:
                 w.conn.send(None)
@@ -456,6 +505,14 @@ class DecodePool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _wake(fd: int) -> None:
+    """Wake the dispatcher thread (a byte on its pipe; a full pipe already wakes it)."""
+    try:
+        os.write(fd, b"\0")
+    except (BlockingIOError, OSError):
+        pass
 
 
 def _death_cause(exitcode: int | None) -> str:
