@@ -2,7 +2,7 @@
 
 Worker processes decode images straight into a fixed ring of batch slots in one shared-memory block; only
 small per-image records (identity, error reason) travel back, never pixel arrays. A batch is split into
-small tasks (8–32 images) that every worker fills into the same slot, so any batch size keeps every worker
+small tasks (16–32 images) that every worker fills into the same slot, so any batch size keeps every worker
 busy and the first batch is ready after about ``batch / workers`` images per worker.
 
 The parent owns all dispatch, in a thread of its own so that workers get new work while the caller runs
