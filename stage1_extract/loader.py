@@ -25,11 +25,15 @@ import queue
 import signal
 import threading
 import time
-from multiprocessing import connection, shared_memory
+from multiprocessing import connection
 from typing import Iterator, Sequence
 
 import numpy as np
 
+from stage1_extract.decode_worker import CELL_SHIFT as _CELL_SHIFT
+from stage1_extract.decode_worker import MAX_WORKERS as _MAX_WORKERS
+from stage1_extract.decode_worker import header_bytes as _header_bytes
+from stage1_extract.decode_worker import worker_main as _worker
 from stage1_extract.preprocessing import Preprocessing
 from stage1_extract.shm import allocate_slots
 
@@ -43,7 +47,6 @@ DEPTH = 2
 #: Seconds one image may take before the watchdog stops its worker (a hung decoder or file system).
 ITEM_TIMEOUT = float(os.environ.get("STAGE1_DECODE_TIMEOUT", "300"))
 STARTUP_TIMEOUT = 120.0  # seconds a new worker may take to import and take its first task
-_CELL_SHIFT = 20  # progress cell = task_id << 20 | position in the task: one aligned 64-bit store
 # Deaths that say nothing about the image (the OOM killer or a user, the watchdog, an unknown end): retried
 # next run. Any other death while decoding one image twice (SIGSEGV, SIGABRT, an exit) is the file's fault.
 _NOT_THE_FILE = {"SIGKILL", "SIGTERM", "SIGINT", "timeout", "unknown"}
@@ -78,57 +81,6 @@ def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
 
     got = decode_file(path, prep, out, draft=draft)
     return got.reason, got.content_id, got.file_size, got.mtime_ns
-
-
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies (e.g. ``kill -9`` of the run), so none linger."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file stops the worker instead
-        pass
-
-
-def _worker(conn, position, shm_name, n_rows, size, prep_dict, draft, parent_pid):
-    # The parent handles Ctrl-C and SIGTERM (sent to the whole process group) and stops us itself.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        return
-    from stage1_extract.decode import decode_file
-
-    prep = Preprocessing.from_dict(prep_dict)
-    shm = shared_memory.SharedMemory(name=shm_name)
-    cells = np.ndarray((position + 1,), dtype=np.int64, buffer=shm.buf)  # the header: one cell per worker
-    rows = np.ndarray((n_rows, size, size, 3), dtype=np.uint8, buffer=shm.buf, offset=_header_bytes())
-    try:
-        while True:
-            try:
-                task = conn.recv()
-            except (EOFError, OSError):  # the parent is gone
-                break
-            if task is None:
-                break
-            task_id, items = task
-            t0 = time.perf_counter()
-            out = []
-            for k, (index, row, path) in enumerate(items):
-                cells[position] = (task_id << _CELL_SHIFT) | k
-                got = decode_file(path, prep, rows[row], draft=draft)
-                out.append((index, got.reason, got.transient, got.content_id, got.file_size, got.mtime_ns))
-            conn.send((task_id, out, time.perf_counter() - t0))
-    finally:
-        del cells, rows
-        shm.close()
-
-
-_MAX_WORKERS = 1024
-
-
-def _header_bytes() -> int:
-    return _MAX_WORKERS * 8  # progress cells, one per worker position (a multiple of 64: rows stay aligned)
 
 
 @dataclasses.dataclass
