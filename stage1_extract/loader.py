@@ -144,8 +144,12 @@ class DecodePool:
         self._bus_errors = 0
         self._next_task_id = 0
         self._active = None  # (stop event, wake-up pipe, thread) of the run in progress
-        for position in range(self.workers):
-            self._spawn(position)
+        try:
+            for position in range(self.workers):
+                self._spawn(position)
+        except BaseException:  # e.g. Ctrl-C while starting: no worker or shared memory left behind
+            self.close()
+            raise
 
     # -------------------------------------------------------------------------------------------- workers
 
