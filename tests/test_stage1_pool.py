@@ -23,6 +23,7 @@ from stage1_extract.preprocessing import Preprocessing
 from tests.helpers import make_image_tree
 
 PREP = Preprocessing(32, 37)
+pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of the suite
 
 
 @pytest.fixture(scope="module")

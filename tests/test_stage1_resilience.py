@@ -26,6 +26,7 @@ from stage1_extract.writer import read_errors
 from tests.helpers import make_image_tree, make_tiny_onnx
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of the suite
 
 
 @pytest.fixture
