@@ -121,8 +121,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     except KeyboardInterrupt as exc:
         said = str(exc) or "finished shards are kept; rerun the same command to resume"
-        print(f"interrupted: {said}", file=sys.stderr)
-        return 130
+        notes = "".join(f"; {note}" for note in getattr(exc, "__notes__", []))
+        by = getattr(exc, "signal_name", "Ctrl-C")
+        print(f"interrupted ({by}): {said}{notes}", file=sys.stderr)
+        return getattr(exc, "exit_code", 130)
     except (OSError, ValueError, RuntimeError) as exc:
         print(f"stage1-extract: error: {exc}", file=sys.stderr)
         return 1

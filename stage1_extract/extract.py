@@ -182,7 +182,7 @@ def extract(
                         for it in batch.items:
                             if it.row < 0:
                                 run.add_error(todo[it.index].path, it.reason, it.content_id, it.file_size,
-                                              it.mtime_ns)
+                                              it.mtime_ns, transient=it.transient)
                         if run.stop_for_strict:
                             break
                         # the pixels are staged before submit returns: the pool may reuse the batch's slot
@@ -200,7 +200,7 @@ def extract(
                         writer.close()
                     except Exception as write_exc:
                         log.warning("could not save the rows computed before the interrupt: %s", write_exc)
-                    raise Interrupted(run.out, writer.written_rows, run.plan.done) from None
+                    raise Interrupted(run.out, writer.written_rows, run.plan.done, by=exc) from None
                 writer.abort()
                 raise
             finally:

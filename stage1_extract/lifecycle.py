@@ -24,6 +24,7 @@ import numpy as np
 from shardformat import IncompatibleShardsError, ShardMetadata, read_index
 from shardformat.layout import errors_path, meta_dir, require_folder
 from stage1_extract.plan import compact, make_plan, nonfinite_rows
+from stage1_extract.signals import sigterm_as_interrupt
 from stage1_extract.writer import read_errors, write_errors, write_json
 
 log = logging.getLogger(__name__)
@@ -168,7 +169,8 @@ def plan_on(out: str, plan):
         return f"{base.rstrip('/')}/{shard.rsplit('/', 1)[-1]}{sep}{query}"
 
     return dataclasses.replace(plan, stale_rows={uri(s): n for s, n in plan.stale_rows.items()},
-                               keep={uri(s): k for s, k in plan.keep.items()})
+                               keep={uri(s): k for s, k in plan.keep.items()},
+                               refresh_mtime={uri(s): m for s, m in plan.refresh_mtime.items()})
 
 
 def _clean_temporaries(out: str) -> None:
@@ -216,9 +218,11 @@ class Run:
         return self.plan.todo
 
     def add_error(self, path: str, reason: str, content_id: str | None = None, file_size: int | None = None,
-                  mtime_ns: int | None = None) -> None:
+                  mtime_ns: int | None = None, *, transient: bool = False) -> None:
+        """Record an image that could not be used; ``transient`` (out of memory, I/O error, a killed worker):
+        not the file's fault, so the next run tries it again."""
         self.new_errors.append({"path": path, "reason": reason, "content_id": content_id,
-                                "file_size": file_size, "mtime_ns": mtime_ns})
+                                "file_size": file_size, "mtime_ns": mtime_ns, "transient": transient})
 
     @property
     def stop_for_strict(self) -> bool:
@@ -290,7 +294,8 @@ def open_run(listing, out: str | os.PathLike, model, *, provider: str, strict: b
     t_start = time.perf_counter() if t_start is None else t_start
     out = normalise_out(out)
     meta = shard_metadata(model)
-    with OutputLock(out) if "://" not in out else contextlib.nullcontext():
+    # SIGTERM (kill, docker stop, a scheduler's time limit) stops the run like Ctrl-C: shards kept, lock released
+    with OutputLock(out) if "://" not in out else contextlib.nullcontext(), sigterm_as_interrupt():
         run = Run(out, model, meta, listing, provider, strict, t_start)
         try:
             yield run

@@ -22,14 +22,13 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from stage1_extract.decode import MAX_FILE_BYTES, DecodeError, content_id, decode_image
+from stage1_extract.decode import DecodeError, decode_image, read_image
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
 from stage1_extract.torch_decode import MAX_ASPECT, resize_crop_float
@@ -99,34 +98,22 @@ def _import_nvimgcodec():
     return nvimgcodec
 
 
-def read_file(path: str) -> tuple[bytes | None, str | None, int, int, str | None]:
-    """(bytes or None, error reason, size, mtime_ns, content id), with the worker-process pool's reasons and
-    size limit. The content id is hashed here, in the reading threads, not on the thread feeding the GPU."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
-    except OSError as exc:
-        reason = "permission denied" if isinstance(exc, PermissionError) else f"cannot open: {exc.strerror or exc}"
-        return None, reason, 0, 0, None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            return None, "not a regular file", st.st_size, st.st_mtime_ns, None
-        if st.st_size > MAX_FILE_BYTES:
-            return (None, f"file is {st.st_size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit",
-                    st.st_size, st.st_mtime_ns, None)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
-        return data, None if data else "empty file (0 bytes)", st.st_size, st.st_mtime_ns, content_id(data)
-    except OSError as exc:
-        return None, f"cannot read file: {exc.strerror or exc}", 0, 0, None
-    finally:
-        os.close(fd)
+def read_file(path: str) -> tuple:
+    """(bytes or None, error reason, size, mtime_ns, content id, transient, DICOM frame) through
+    :func:`stage1_extract.decode.read_image`: the CPU pool's size limit, FIFO guard and reasons. The content
+    id is hashed here, in the reading threads, not on the thread feeding the GPU."""
+    from stage1_extract.dicom import split_frame_ref
+
+    got = read_image(path)
+    return got.data, got.reason, got.file_size, got.mtime_ns, got.content_id, got.transient, \
+        split_frame_ref(path)[1]
 
 
-def _pil_decode(data: bytes, prep: Preprocessing) -> tuple[np.ndarray | None, str | None]:
-    """The exact CPU path for one file: (pixels, None) or (None, reason)."""
+def _pil_decode(data: bytes, prep: Preprocessing, frame: int | None = None) -> tuple[np.ndarray | None, str | None]:
+    """The exact CPU path for one file (DICOM, other formats, what the device refused): (pixels, None) or
+    (None, reason)."""
     try:
-        return decode_image(data, prep), None
+        return decode_image(data, prep, frame=frame), None
     except DecodeError as exc:
         return None, str(exc)
     except Exception as exc:  # noqa: BLE001 - a decoder bug costs one image, never the run
@@ -224,7 +211,7 @@ class NvImageCodecDecoder:
         self._warn_if_all_refused(len(on_device), len(refused))
         items, row = [], 0
         for k, index in enumerate(chunk):
-            data, reason, size, mtime, cid = results[k]
+            data, reason, size, mtime, cid, transient, _ = results[k]  # transient: a reading failure only
             if reason is None:
                 image = images.get(k)
                 try:
@@ -236,7 +223,8 @@ class NvImageCodecDecoder:
                             self._out_float[row] = torch.from_numpy(pixels).to(self.device, non_blocking=True)
                 except Exception as exc:  # noqa: BLE001 - one file, never the run
                     reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
-            items.append(ItemResult(index, row if reason is None else -1, reason, cid, size, mtime))
+            items.append(ItemResult(index, row if reason is None else -1, reason, cid, size, mtime,
+                                    transient=transient and reason is not None))
             if reason is None:
                 row += 1
         self._out[:row] = self._out_float[:row].round_().clamp_(0, 255)  # whole numbers in 0..255: exact
@@ -252,7 +240,7 @@ class NvImageCodecDecoder:
                         "Is nvJPEG installed? %s", offered, INSTALL_HINT)
 
     def _pil_jobs(self, rows: list[int], results: list) -> dict:
-        return {k: self._io.submit(_pil_decode, results[k][0], self.prep) for k in rows}
+        return {k: self._io.submit(_pil_decode, results[k][0], self.prep, results[k][6]) for k in rows}
 
     def run(self, paths: Sequence[str]) -> Iterator[Batch]:
         bs = self.batch_size

@@ -4,6 +4,11 @@ A listed file is *done* when a shard row has its path, label and group and the f
 mtime, or — when only the mtime moved — the same content hash. Among several valid rows for a path (a run
 killed between writing a new shard and compacting old ones) the newest shard wins. Every other row is
 *stale* and is removed by :func:`compact` once the run has finished, which restores exactly-once.
+
+A file whose mtime moved but whose content is unchanged (``touch``, a copy that did not keep times) is
+hashed once: :func:`compact` then stores its new mtime, so the next run finds it unchanged without
+reading it. Errors are carried forward only when they belong to the file (cannot decode, truncated, too
+large); transient ones (out of memory, I/O errors, a killed worker) are retried by the next run.
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ class Plan:
     known_errors: list[dict]  # carried forward from the last run: same file, same failure
     stale_rows: dict[str, int]  # shard file → number of rows to drop
     keep: dict[str, set[str]]  # shard file → paths to keep (only for shards with stale rows)
+    # shard file → {path: current mtime_ns} for rows whose file was touched but found unchanged by its hash
+    refresh_mtime: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -55,6 +62,7 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
         rows_by_path[row["path"]].append(row)
 
     kept_shard: dict[str, str] = {}
+    refresh: dict[str, dict[str, int]] = defaultdict(dict)
     for path, rows in rows_by_path.items():
         rec = by_path.get(path)
         if rec is None:
@@ -71,6 +79,7 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
                 digest = digest or _hash_file(rec.abspath)
                 if digest != row["content_id"]:
                     continue
+                refresh[row["shard"]][path] = st[1]
             kept_shard[path] = row["shard"]
             break
 
@@ -87,7 +96,7 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
     known_paths = set()
     for err in errors:
         rec = by_path.get(err.get("path"))
-        if rec is None or rec.path in kept_shard or rec.path in known_paths:
+        if rec is None or rec.path in kept_shard or rec.path in known_paths or err.get("transient"):
             continue
         st = stats.setdefault(rec.path, _stat(rec.abspath))
         if st is not None and (err.get("file_size"), err.get("mtime_ns")) == st:
@@ -101,6 +110,7 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
         known_errors=known,
         stale_rows=dict(stale),
         keep={s: keep.get(s, set()) for s in stale},
+        refresh_mtime=dict(refresh),
     )
 
 
@@ -127,21 +137,27 @@ def nonfinite_rows(out: str, index: pa.Table) -> frozenset[tuple[str, str]]:
 
 
 def compact(plan: Plan) -> int:
-    """Rewrite (atomically) or delete every shard that holds stale rows; return the rows removed."""
+    """Rewrite (atomically) or delete every shard that holds stale rows, and store the refreshed mtimes;
+    return the rows removed."""
     import pyarrow.parquet as pq
 
     from shardformat import atomic_write_table, resolve
 
     removed = 0
-    for shard, n_stale in sorted(plan.stale_rows.items()):
+    for shard in sorted(set(plan.stale_rows) | set(plan.refresh_mtime)):
+        n_stale = plan.stale_rows.get(shard, 0)
         fs, full = resolve(shard)
         keep = plan.keep.get(shard, set())
-        if not keep:
+        if n_stale and not keep:
             fs.delete_file(full)
             removed += n_stale
             continue
         with fs.open_input_file(full) as fh:
             table = pq.read_table(fh)
+        table = _with_mtimes(table, plan.refresh_mtime.get(shard, {}))
+        if not n_stale:
+            atomic_write_table(table, fs, full)
+            continue
         mask = pc.is_in(table.column("path"), value_set=pa.array(sorted(keep), pa.string()))
         # A path can appear twice in one shard only if the shard was written twice; keep the first.
         filtered = table.filter(mask)
@@ -155,3 +171,14 @@ def compact(plan: Plan) -> int:
         removed += table.num_rows - filtered.num_rows
         atomic_write_table(filtered, fs, full)
     return removed
+
+
+def _with_mtimes(table: pa.Table, mtimes: dict[str, int]) -> pa.Table:
+    """``table`` with the ``mtime_ns`` of the given paths replaced (schema and its metadata unchanged)."""
+    if not mtimes:
+        return table
+    current = table.column("mtime_ns").to_pylist()
+    paths = table.column("path").to_pylist()
+    values = pa.array([mtimes.get(p, m) for p, m in zip(paths, current)], pa.int64())
+    i = table.schema.get_field_index("mtime_ns")
+    return table.set_column(i, table.schema.field(i), values)

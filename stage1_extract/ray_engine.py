@@ -2,7 +2,7 @@
 local engine, with the work spread over Ray Data.
 
     image list (driver) ──► decode: CPU tasks ──► inference: actor pool ──► shard writes: tasks ──► small rows
-                             (loader._decode_one,   (one FeatureSession per      (shardformat.write_shard,      back to the
+                             (decode.decode_file,   (one FeatureSession per      (shardformat.write_shard,      back to the
                               uint8 pixels)          actor; 1 GPU each, or CPUs)  atomic, named per run+batch)  driver
 
 The driver does what the local engine does before and after the loop, with the same functions: it lists
@@ -43,7 +43,8 @@ MAX_DECODE_BLOCK = 256
 ITEMS_SCHEMA = pa.schema([("path", pa.string()), ("abspath", pa.string()), ("label", pa.string()),
                           ("group", pa.string())])
 _ID_FIELDS = [("path", pa.string()), ("label", pa.string()), ("content_id", pa.string()),
-              ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("reason", pa.string())]
+              ("file_size", pa.int64()), ("mtime_ns", pa.int64()), ("reason", pa.string()),
+              ("transient", pa.bool_())]
 RESULT_SCHEMA = pa.schema([f for f in _ID_FIELDS if f[0] != "label"] + [
     ("shard", pa.string()), ("provider", pa.string()), ("fatal_kind", pa.string()), ("fatal", pa.string()),
     ("decode_s", pa.float64()), ("wait_s", pa.float64()), ("infer_s", pa.float64()), ("write_s", pa.float64()),
@@ -96,20 +97,21 @@ def _features_numpy(column, dim: int) -> np.ndarray:
 
 def decode_block(batch: pa.Table, *, prep: dict, draft: bool) -> pa.Table:
     """A CPU task: read and decode a block of images exactly as the local engine's decode workers do."""
-    from stage1_extract.loader import _decode_one
+    from stage1_extract.decode import decode_file
     from stage1_extract.preprocessing import Preprocessing
 
     p = Preprocessing.from_dict(prep)
     n = batch.num_rows
     pixels = np.zeros((n, p.input_size, p.input_size, 3), np.uint8)
-    reasons, cids, sizes, mtimes = [], [], [], []
+    reasons, cids, sizes, mtimes, transient = [], [], [], [], []
     t0 = time.perf_counter()
     for i, path in enumerate(batch.column("abspath").to_pylist()):
-        reason, cid, size, mtime = _decode_one(path, p, draft, pixels[i])
-        reasons.append(reason)
-        cids.append(cid)
-        sizes.append(size)
-        mtimes.append(mtime)
+        got = decode_file(path, p, pixels[i], draft=draft)
+        reasons.append(got.reason)
+        cids.append(got.content_id)
+        sizes.append(got.file_size)
+        mtimes.append(got.mtime_ns)
+        transient.append(got.transient)
     share = (time.perf_counter() - t0) / max(n, 1)
     return pa.table({
         "path": batch.column("path"),
@@ -119,6 +121,7 @@ def decode_block(batch: pa.Table, *, prep: dict, draft: bool) -> pa.Table:
         "file_size": pa.array(sizes, pa.int64()),
         "mtime_ns": pa.array(mtimes, pa.int64()),
         "reason": pa.array(reasons, pa.string()),
+        "transient": pa.array(transient, pa.bool_()),
         "decode_s": pa.array(np.full(n, share)),
         "pixels": _pixels_array(pixels),
     })
@@ -224,6 +227,7 @@ def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.
         "file_size": batch.column("file_size"),
         "mtime_ns": batch.column("mtime_ns"),
         "reason": batch.column("reason"),
+        "transient": batch.column("transient"),
         "shard": pa.array([shard if w and shard else None for w in written], pa.string()),
         "provider": batch.column("provider"),
         "fatal_kind": pa.array(fatal_kind, pa.string()),
@@ -443,7 +447,7 @@ def extract_ray(
                                 fatal = (row["fatal_kind"], row["fatal"])
                             if row["reason"] is not None:
                                 run.add_error(*(row[k] for k in ("path", "reason", "content_id", "file_size",
-                                                                 "mtime_ns")))
+                                                                 "mtime_ns")), transient=row["transient"])
                             elif row["shard"]:
                                 reported.setdefault(row["shard"], []).append(row["path"])
                         if fatal or run.stop_for_strict:

@@ -12,39 +12,18 @@ It yields the same :class:`~stage1_extract.loader.Batch` objects as the worker-p
 
 from __future__ import annotations
 
-import os
-import stat
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 import numpy as np
 
-from stage1_extract.decode import DecodeError, content_id, decode_image
+from stage1_extract.decode import DecodeError, decode_image, read_image
 from stage1_extract.dicom import split_frame_ref
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
 
 MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much memory: use PIL's box path
-
-
-def _read(path: str):
-    """(bytes or None, reason, size, mtime) — file reading runs in threads, overlapping decode."""
-    path = split_frame_ref(path)[0]  # one frame of a multi-frame DICOM: read its file
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block the reader
-        with os.fdopen(fd, "rb") as fh:
-            st = os.fstat(fh.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                return None, "not a regular file", 0, 0
-            data = fh.read()
-        return data, None, st.st_size, st.st_mtime_ns
-    except PermissionError:
-        return None, "permission denied", 0, 0
-    except IsADirectoryError:
-        return None, "is a directory", 0, 0
-    except OSError as exc:
-        return None, f"cannot read file: {exc.strerror or exc}", 0, 0
 
 
 def _is_jpeg(data: bytes) -> bool:
@@ -119,22 +98,22 @@ class TorchDecoder:
         torch = self.torch
         bs = self.batch_size
         chunks = [list(range(s, min(s + bs, len(paths)))) for s in range(0, len(paths), bs)]
-        reads = [self._io.map(_read, [paths[i] for i in chunk]) for chunk in chunks[:2]]
+        # file reading (decode.read_image: size limit, FIFOs, transient errors) runs in threads, overlapping decode
+        reads = [self._io.map(read_image, [paths[i] for i in chunk]) for chunk in chunks[:2]]
         for n, chunk in enumerate(chunks):
             if n + 2 < len(chunks):  # keep two batches of reads in flight
-                reads.append(self._io.map(_read, [paths[i] for i in chunks[n + 2]]))
+                reads.append(self._io.map(read_image, [paths[i] for i in chunks[n + 2]]))
             results = list(reads[n])
             reads[n] = None
             t0 = time.perf_counter()
             items: list[ItemResult] = []
-            jpeg_rows = [k for k, (data, reason, _, _) in enumerate(results) if data and _is_jpeg(data)]
-            decoded = dict(zip(jpeg_rows, self._decode_batch([results[k][0] for k in jpeg_rows]))) if jpeg_rows else {}
+            jpeg_rows = [k for k, got in enumerate(results) if got.data and _is_jpeg(got.data)]
+            decoded = dict(zip(jpeg_rows, self._decode_batch([results[k].data for k in jpeg_rows]))) if jpeg_rows else {}
             row = 0
             for k, index in enumerate(chunk):
-                data, reason, size, mtime = results[k]
-                cid = content_id(data) if data is not None else None
-                if reason is None and not data:
-                    reason = "empty file (0 bytes)"
+                got = results[k]
+                data, reason, transient = got.data, got.reason, got.transient
+                results[k] = None  # the file's bytes are not needed past this image
                 if reason is None:
                     img = decoded.get(k)
                     try:
@@ -145,10 +124,13 @@ class TorchDecoder:
                             self._out[row] = torch.from_numpy(decode_image(data, self.prep, frame=frame).copy()).to(
                                 self.device)
                     except DecodeError as exc:
-                        reason = str(exc)
+                        reason, transient = str(exc), exc.transient
+                    except MemoryError:
+                        reason, transient = "out of memory while decoding (transient: retried next run)", True
                     except Exception as exc:  # noqa: BLE001 - one file, never the run
                         reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
-                items.append(ItemResult(index, row if reason is None else -1, reason, cid, size, mtime))
+                items.append(ItemResult(index, row if reason is None else -1, reason, got.content_id,
+                                        got.file_size, got.mtime_ns, transient))
                 if reason is None:
                     row += 1
             if self.device.type == "cuda":

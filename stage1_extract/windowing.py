@@ -50,6 +50,18 @@ def window_unit(values: np.ndarray, center: float, width: float, function: str =
     return np.clip((x - center) / width + 0.5, 0.0, 1.0)
 
 
+def window_sample(values: np.ndarray, *, start: int = 0, total: int | None = None) -> np.ndarray:
+    """The pixels of ``values`` that :func:`percentile_window` samples from a whole image of ``total`` pixels
+    when ``values`` is the part starting at flat index ``start`` (a band): concatenating the bands' samples
+    gives exactly the whole image's sample, so banded decoding finds the same window."""
+    x = np.asarray(values).reshape(-1)
+    total = x.size if total is None else total
+    if total <= _PERCENTILE_SAMPLE:
+        return x
+    step = total // _PERCENTILE_SAMPLE
+    return x[(-start) % step::step]
+
+
 def percentile_window(values: np.ndarray, mask: np.ndarray | None = None) -> tuple[float, float]:
     """(low, high) = the 0.5th and 99.5th percentiles of the finite values (where ``mask`` is true)."""
     x = np.asarray(values)

@@ -26,6 +26,7 @@ ERRORS_SCHEMA = pa.schema(
         pa.field("content_id", pa.string()),
         pa.field("file_size", pa.int64()),
         pa.field("mtime_ns", pa.int64()),
+        pa.field("transient", pa.bool_()),  # not the file's fault: retried next run (null in older tables)
     ]
 )
 
@@ -122,10 +123,13 @@ class ShardWriter:
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during extraction, after the rows already computed were written: says how many are safe."""
 
-    def __init__(self, out: str, saved: int, before: int) -> None:
+    def __init__(self, out: str, saved: int, before: int, by: BaseException | None = None) -> None:
         super().__init__(f"{saved} image(s) extracted by this run are saved in {out} ({before} were done before); "
                          "rerun the same command to resume")
         self.saved, self.before = saved, before
+        # Ctrl-C, or SIGTERM (stage1_extract.signals.Terminated): the CLI names it and exits with its code
+        self.signal_name = getattr(by, "signal_name", "Ctrl-C")
+        self.exit_code = getattr(by, "exit_code", 130)
 
 
 class ShardWriteError(OSError):
