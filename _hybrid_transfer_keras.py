@@ -4,7 +4,8 @@ Keras chooses its backend when first imported: ``KERAS_BACKEND``, else ``keras.j
 (default ``~/.keras``), else TensorFlow. This project installs torch, not TensorFlow, so a notebook whose first
 cell is ``import keras`` would crash with ``ModuleNotFoundError: tensorflow`` before ``stage2_classify`` could
 set anything. Only when no backend is chosen (or TensorFlow is chosen) and TensorFlow is not installed does
-this set ``KERAS_BACKEND=torch``; any explicit choice is left alone. It imports nothing heavy.
+this set ``KERAS_BACKEND=torch``; any explicit choice is left alone, and ``HYBRID_TRANSFER_KERAS_HOOK=0`` turns
+the hook off. It imports nothing heavy.
 """
 
 import os
@@ -23,6 +24,8 @@ def _keras_json_backend() -> str | None:
 
 
 def apply() -> None:
+    if os.environ.get("HYBRID_TRANSFER_KERAS_HOOK") == "0":  # opted out: Keras' own choice, unchanged
+        return
     if "KERAS_BACKEND" in os.environ or _keras_json_backend() not in (None, "tensorflow"):
         return
     import importlib.util

@@ -40,9 +40,3 @@ def sigterm_as_interrupt():
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
-
-
-def saved_note(exc: BaseException, rows: int, shards: int, out: str) -> None:
-    """Add what this run saved before it was stopped to the exception (shown by the CLI and in tracebacks)."""
-    if isinstance(exc, KeyboardInterrupt):
-        exc.add_note(f"saved before stopping: {rows} image(s) in {shards} shard(s) in {out}")

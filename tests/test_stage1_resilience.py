@@ -118,7 +118,7 @@ def test_sigterm_stops_like_ctrl_c(tree, tiny, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 128 + signal.SIGTERM, stderr
-    assert "interrupted (SIGTERM): finished shards are kept; saved before stopping:" in stderr, stderr
+    assert "interrupted (SIGTERM): " in stderr and "extracted by this run are saved in" in stderr, stderr
     assert "leaked" not in stderr and "Traceback" not in stderr, stderr
     assert _lock_free(out)
     saved = stored_paths(out)
@@ -205,8 +205,11 @@ def _whole_image_gray(img: Image.Image) -> np.ndarray:
             lo, hi = float(arr.min()), float(arr.max())
             scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
     else:
-        arr = arr.astype(np.int64)
-        scaled = np.clip(arr / 257.0 if arr.max(initial=0) > 255 or img.mode.startswith("I;16") else arr, 0, 255)
+        if arr.max(initial=0) > 255 or arr.min(initial=0) < 0 or img.mode.startswith("I;16"):
+            from stage1_extract.windowing import auto_window_uint8  # 16-bit: the DICOM percentile window
+
+            return auto_window_uint8(arr)
+        scaled = arr
     return np.rint(scaled).astype(np.uint8)
 
 

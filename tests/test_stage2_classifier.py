@@ -211,8 +211,8 @@ def test_an_explicit_keras_choice_is_left_alone(tmp_path):
 def test_a_failed_import_keras_then_stage2_gives_the_fix(tmp_path):
     code = ("try:\n    import keras\nexcept ImportError as exc:\n    print('keras failed:', exc)\n"
             "import stage2_classify")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=_without_backend(tmp_path),
-                       timeout=300)
+    env = {**_without_backend(tmp_path), "HYBRID_TRANSFER_KERAS_HOOK": "0"}  # as where the start-up hook is absent
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert "keras failed: No module named 'tensorflow'" in r.stdout
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("stage2_classify.BackendError") and "KERAS_BACKEND" in last and "Restart" in last
