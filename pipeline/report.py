@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 import os
 from typing import Any
+
+from shardformat import atomic_write_json, atomic_write_text, atomic_write_via_path
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
@@ -30,14 +32,12 @@ def write_comparison(rows: list[dict[str, Any]], workdir: str | os.PathLike) -> 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     paths = {k: os.path.join(workdir, f"compare.{k}") for k in ("csv", "json", "png")}
-    with open(paths["csv"] + ".tmp", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(paths["csv"] + ".tmp", paths["csv"])
-    with open(paths["json"] + ".tmp", "w") as fh:
-        json.dump(rows, fh, indent=1)
-    os.replace(paths["json"] + ".tmp", paths["json"])
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(paths["csv"], table.getvalue())  # the project's one atomic writer (shardformat)
+    atomic_write_json(paths["json"], rows)
 
     names = [r["backbone"] for r in rows]
     x = np.arange(len(rows))
@@ -61,7 +61,8 @@ def write_comparison(rows: list[dict[str, Any]], workdir: str | os.PathLike) -> 
     ax2.set_ylabel("images / second")
     ax2.set_title("Stage 1 extraction speed")
     fig.tight_layout()
-    fig.savefig(paths["png"] + ".tmp.png", dpi=120)
-    plt.close(fig)
-    os.replace(paths["png"] + ".tmp.png", paths["png"])
+    try:
+        atomic_write_via_path(paths["png"], lambda tmp: fig.savefig(tmp, dpi=120))
+    finally:
+        plt.close(fig)
     return paths
