@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from shardformat import ShardMetadata, atomic_write_json, read_json
+from shardformat import atomic_write_json, read_json
 from shardformat.layout import meta_file, require_file_target, require_folder
 
 
@@ -137,14 +137,6 @@ def run(
         metrics=result.metrics,
         seconds={"extract": t1 - t0, "train": t2 - t1},
     )
-
-
-def model_metadata(model_dir: str | os.PathLike) -> ShardMetadata:
-    """The stage-1 metadata a trained model was made on (written by stage 2 next to the model)."""
-    path = Path(model_dir) / "shard_metadata.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{model_dir}: no shard_metadata.json; is this a stage2-classify run directory?")
-    return ShardMetadata.from_json(path.read_text())
 
 
 def predict(

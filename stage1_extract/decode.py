@@ -117,6 +117,19 @@ def read_image(path: str) -> FileResult:
     return FileResult(data, None, False, size, mtime, content_id(data))
 
 
+def read_ahead(pool, read, paths, batch_size: int, ahead: int = 2):
+    """Yield ``(indices, [read(path) …])`` batch by batch, in order, while ``pool`` (an executor) already reads
+    the next ``ahead`` batches: the in-process decoders (torch, nvImageCodec) overlap file reading with decoding."""
+    chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
+    reads = [pool.map(read, [paths[i] for i in chunk]) for chunk in chunks[:ahead]]
+    for n, chunk in enumerate(chunks):
+        if n + ahead < len(chunks):
+            reads.append(pool.map(read, [paths[i] for i in chunks[n + ahead]]))
+        results = list(reads[n])
+        reads[n] = None
+        yield chunk, results
+
+
 def read_file(path: str) -> bytes:
     """The bytes of ``path`` (through :func:`read_image`), or :class:`DecodeError` with the reason."""
     got = read_image(path)

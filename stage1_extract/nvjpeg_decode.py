@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from stage1_extract.decode import DecodeError, decode_image, read_image
+from stage1_extract.decode import DecodeError, decode_image, read_ahead, read_image
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
 from stage1_extract.torch_decode import MAX_ASPECT, resize_crop_float
@@ -243,14 +243,7 @@ class NvImageCodecDecoder:
         return {k: self._io.submit(_pil_decode, results[k][0], self.prep, results[k][6]) for k in rows}
 
     def run(self, paths: Sequence[str]) -> Iterator[Batch]:
-        bs = self.batch_size
-        chunks = [list(range(s, min(s + bs, len(paths)))) for s in range(0, len(paths), bs)]
-        reads = [self._io.map(read_file, [paths[i] for i in chunk]) for chunk in chunks[:2]]
-        for n, chunk in enumerate(chunks):
-            if n + 2 < len(chunks):  # keep two batches of reads in flight
-                reads.append(self._io.map(read_file, [paths[i] for i in chunks[n + 2]]))
-            results = list(reads[n])
-            reads[n] = None
+        for chunk, results in read_ahead(self._io, read_file, paths, self.batch_size):
             # The batch's pixels are written on the current CUDA stream; a consumer on another stream
             # orders itself after them (OverlappedInference does), so there is no synchronisation here.
             yield self._batch(chunk, results)

@@ -16,9 +16,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
-import numpy as np
 
-from stage1_extract.decode import DecodeError, decode_image, read_image
+from stage1_extract.decode import DecodeError, decode_image, read_ahead, read_image
 from stage1_extract.dicom import split_frame_ref
 from stage1_extract.loader import Batch, ItemResult
 from stage1_extract.preprocessing import Preprocessing
@@ -96,15 +95,8 @@ class TorchDecoder:
 
     def run(self, paths: Sequence[str]) -> Iterator[Batch]:
         torch = self.torch
-        bs = self.batch_size
-        chunks = [list(range(s, min(s + bs, len(paths)))) for s in range(0, len(paths), bs)]
         # file reading (decode.read_image: size limit, FIFOs, transient errors) runs in threads, overlapping decode
-        reads = [self._io.map(read_image, [paths[i] for i in chunk]) for chunk in chunks[:2]]
-        for n, chunk in enumerate(chunks):
-            if n + 2 < len(chunks):  # keep two batches of reads in flight
-                reads.append(self._io.map(read_image, [paths[i] for i in chunks[n + 2]]))
-            results = list(reads[n])
-            reads[n] = None
+        for chunk, results in read_ahead(self._io, read_image, paths, self.batch_size):
             t0 = time.perf_counter()
             items: list[ItemResult] = []
             jpeg_rows = [k for k, got in enumerate(results) if got.data and _is_jpeg(got.data)]

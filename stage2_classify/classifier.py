@@ -225,7 +225,6 @@ def write_predictions(frame, out: str | os.PathLike) -> str:
     import pyarrow.csv as pacsv
 
     import shardformat
-    from stage2_classify.predict import _atomic_write
 
     table = pa.Table.from_pandas(frame, preserve_index=False).replace_schema_metadata(None)
     # pandas' string dtype arrives as large_string; plain string is what every other file here uses
@@ -233,7 +232,7 @@ def write_predictions(frame, out: str | os.PathLike) -> str:
                                   for f in table.schema]))
     out = os.fspath(out)
     if out.lower().endswith(".csv"):
-        _atomic_write(lambda tmp: pacsv.write_csv(table, tmp), out)
+        shardformat.atomic_write_via_path(out, lambda tmp: pacsv.write_csv(table, tmp))
     else:
         path = os.path.abspath(out)
         os.makedirs(os.path.dirname(path), exist_ok=True)

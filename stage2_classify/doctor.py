@@ -8,7 +8,6 @@ and ``report.html``, each written atomically. The checks themselves are in ``sta
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import time
 import warnings
@@ -21,7 +20,6 @@ import shardformat
 from shardformat.layout import read_run_summary
 from stage2_classify.data import DatasetError, labelled_mask
 from stage2_classify.neighbours import nearest_neighbours, normalise
-from stage2_classify.predict import _atomic_write
 from stage2_classify import quality
 
 FILES = ("label_issues.csv", "duplicates.csv", "outliers.csv", "doctor.json", "report.html")
@@ -160,12 +158,12 @@ def doctor(shards: str | os.PathLike, out: str | os.PathLike, *, images: str | o
         report_path = write_doctor_report(out / "report.html", summary, issues, duplicates, outliers, context)
         timings["report"] = time.perf_counter() - t
     summary["seconds"] = {k: round(v, 3) for k, v in timings.items()}
-    _atomic_write(lambda tmp: Path(tmp).write_text(json.dumps(summary, indent=1)), str(out / "doctor.json"))
+    shardformat.atomic_write_json(out / "doctor.json", summary)
     return DoctorResult(out, issues, duplicates, outliers, summary, report_path)
 
 
 def _write_csv(frame: pd.DataFrame, path: Path) -> None:
-    _atomic_write(lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"), str(path))
+    shardformat.atomic_write_via_path(path, lambda tmp: frame.to_csv(tmp, index=False, float_format="%.6g"))
 
 
 def _splits(paths, content_ids, labels, groups, run, split_file, seed, notes) -> tuple[np.ndarray, str]:

@@ -55,9 +55,9 @@ def page(title: str, subtitle: str, sections: Sequence[tuple[str, str, str]]) ->
 
 def write_html(path: str | os.PathLike, text: str) -> Path:
     """Write a report atomically (temporary name, then rename)."""
-    from stage2_classify.predict import _atomic_write
+    from shardformat import atomic_write_text
 
-    _atomic_write(lambda tmp: Path(tmp).write_text(text, encoding="utf-8"), os.fspath(path))
+    atomic_write_text(path, text)
     return Path(path)
 
 

@@ -56,10 +56,6 @@ def _probabilities(run: LoadedRun, features: np.ndarray) -> np.ndarray:
     return predict_proba(run.model, features)
 
 
-def _atomic_write(write, out: str) -> None:
-    shardformat.atomic_write_via_path(out, write)
-
-
 def predict(inputs, model: str | os.PathLike, out: str | os.PathLike | None = None, *, top_k: int = 3,
             progress: bool = True, **options):
     """Predict with the run in ``model`` on images or vectors; returns a pandas DataFrame, also written to
@@ -177,8 +173,7 @@ def evaluate(shards: str | os.PathLike, model: str | os.PathLike, out: str | os.
         warnings.warn(f"{os.fspath(shards)}: {report['warning']}", stacklevel=2)
     result = EvaluationResult(os.fspath(shards), str(run.path), report)
     if out is not None:
-        text = json.dumps(report, indent=1)
-        _atomic_write(lambda tmp: Path(tmp).write_text(text), os.fspath(out))
+        shardformat.atomic_write_json(out, report)
     if progress:
         print(result.format(), flush=True)
     return result

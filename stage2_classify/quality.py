@@ -29,7 +29,7 @@ LABEL_METHOD = ("cleanlab confident learning: cleanlab.filter.find_label_issues(
                 "suggested label = argmax of the out-of-fold probabilities")
 OUTLIER_METHOD = ("score = min(robust z of the mean cosine distance to the k nearest other images, robust z of the "
                   "cosine distance to the image's own class centroid, z per class); flagged when the score is at "
-                  f"least the threshold; unlabelled images use the neighbour distance alone")
+                  "least the threshold; unlabelled images use the neighbour distance alone")
 
 DUPLICATE_COLUMNS = ["path_a", "path_b", "kind", "similarity", "label_a", "label_b", "split_a", "split_b",
                      "label_conflict", "leak"]
@@ -106,8 +106,6 @@ def near_duplicates(nb: Neighbours, threshold: float, content_ids: np.ndarray, p
     Reading pairs from the k-nearest-neighbour graph bounds the list at k pairs per image, so a folder of
     near-identical frames cannot flood it; byte-identical pairs are left to :func:`exact_duplicates`.
     """
-    import pandas as pd
-
     n, k = nb.indices.shape
     i = np.repeat(np.arange(n, dtype=np.int64), k)
     j = nb.indices.reshape(-1)
