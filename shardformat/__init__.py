@@ -26,6 +26,8 @@ from shardformat.io import (
     resolve,
     write_shard,
 )
+from shardformat.errors import ERRORS_SCHEMA, read_errors, write_errors
+from shardformat.layout import shard_name
 from shardformat.files import atomic_write_bytes, atomic_write_json, atomic_write_text, atomic_write_via_path, read_json
 
 __all__ = [
@@ -51,4 +53,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_via_path",
     "read_json",
+    "ERRORS_SCHEMA",
+    "read_errors",
+    "write_errors",
+    "shard_name",
 ]

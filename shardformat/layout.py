@@ -7,9 +7,10 @@ The run's bookkeeping (errors table, run summary, lock) lives in the sibling fol
 
 from __future__ import annotations
 
+import hashlib
 import os
 
-from shardformat.schema import ERRORS_FILE, LEGACY_ERRORS_FILE, META_SUFFIX
+from shardformat.schema import ERRORS_FILE, LEGACY_ERRORS_FILE, META_SUFFIX, SHARD_PREFIX
 
 
 def _base(directory: str | os.PathLike) -> tuple[str, str]:
@@ -105,3 +106,15 @@ def require_file_target(path: str | os.PathLike, option: str = "--out") -> None:
     existing = _first_existing(os.path.dirname(full))
     if not os.path.isdir(existing):
         raise NotADirectoryError(f"{option} {text}: {existing} is a file, not a folder; choose another {option}")
+
+
+def shard_name(stamp: str, *, seq: int | None = None, paths: list[str] | None = None) -> str:
+    """``part-<run stamp>-<suffix>.parquet``: the stamp sorts runs in order. The suffix is a sequence number
+    for a single writer, or a hash of the rows' paths where tasks may be retried (same rows → same name,
+    so a retried write replaces its own shard instead of adding a copy)."""
+    if (seq is None) == (paths is None):
+        raise ValueError("give exactly one of seq and paths")
+    if seq is not None:
+        return f"{SHARD_PREFIX}{stamp}-{seq:05d}.parquet"
+    digest = hashlib.blake2b("\0".join(paths).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+    return f"{SHARD_PREFIX}{stamp}-{digest}.parquet"

@@ -25,7 +25,8 @@ from shardformat import IncompatibleShardsError, ShardMetadata, read_index
 from shardformat.layout import errors_path, meta_dir, require_folder
 from stage1_extract.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.signals import sigterm_as_interrupt
-from stage1_extract.writer import read_errors, write_errors, write_json
+from shardformat import read_errors, write_errors
+from stage1_extract.writer import write_json
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
@@ -121,18 +122,6 @@ def default_batch_size(on_gpu: bool) -> int:
     """Bigger batches pay off only on a GPU; on a CPU they only cost memory (ORT's arena: ~1 GB at 32,
     ~0.65 GB at 16) and are no faster (bs 4–16 beat 32 by ~6% on 2 cores: smaller working set)."""
     return 256 if on_gpu else 16
-
-
-def shard_name(stamp: str, *, seq: int | None = None, paths: list[str] | None = None) -> str:
-    """``part-<run stamp>-<suffix>.parquet``: the stamp sorts runs in order. The suffix is a sequence number
-    for a single writer, or a hash of the rows' paths where tasks may be retried (same rows → same name,
-    so a retried write replaces its own shard instead of adding a copy)."""
-    if (seq is None) == (paths is None):
-        raise ValueError("give exactly one of seq and paths")
-    if seq is not None:
-        return f"part-{stamp}-{seq:05d}.parquet"
-    digest = hashlib.blake2b("\0".join(paths).encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
-    return f"part-{stamp}-{digest}.parquet"
 
 
 def nonfinite_message(features: np.ndarray, paths: list[str]) -> str | None:

@@ -13,7 +13,7 @@ timings) come back to it; pixels and features stay in Ray's object store.
 The run's start and end are :mod:`stage1_extract.lifecycle`'s, as for the local engine.
 
 Exactly-once: a shard is named ``part-<run stamp>-<hash of its paths>.parquet``
-(:func:`~stage1_extract.lifecycle.shard_name`), so a retried write task
+(:func:`~shardformat.layout.shard_name`), so a retried write task
 rewrites the same file instead of adding a second copy, and the names sort after every earlier run's
 shards (the stamp is :func:`stage1_extract.writer.run_stamp`). After the run the driver checks that the
 shards it was told about are the ones in ``out``: leftovers of failed attempts are deleted and a path
@@ -194,7 +194,7 @@ class InferenceActor:
 def write_block(batch: pa.Table, *, out: str, meta_json: str, stamp: str) -> pa.Table:
     """A task: write the usable rows of a batch as one shard; return one small row per image for the driver."""
     from shardformat import ShardMetadata, write_shard
-    from stage1_extract.lifecycle import shard_name
+    from shardformat import shard_name
 
     n = batch.num_rows
     meta = ShardMetadata.from_json(meta_json)

@@ -16,20 +16,8 @@ import time
 import numpy as np
 import pyarrow as pa
 
-from shardformat import ShardMetadata, atomic_write_json, atomic_write_table, resolve, write_shard
-from shardformat.layout import errors_path, legacy_errors_path, legacy_files, meta_file
-
-ERRORS_SCHEMA = pa.schema(
-    [
-        pa.field("path", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("content_id", pa.string()),
-        pa.field("file_size", pa.int64()),
-        pa.field("mtime_ns", pa.int64()),
-        pa.field("transient", pa.bool_()),  # not the file's fault: retried next run (null in older tables)
-    ]
-)
-
+from shardformat import ShardMetadata, atomic_write_json, shard_name, write_shard
+from shardformat.layout import meta_file
 
 def run_stamp() -> str:
     """Sortable, unique per run: shard names sort in write order across runs."""
@@ -96,7 +84,6 @@ class ShardWriter:
     def flush(self) -> None:
         if self._n == 0:
             return
-        from stage1_extract.lifecycle import shard_name  # (lifecycle imports this module)
 
         feats = np.concatenate(self._features) if len(self._features) > 1 else self._features[0]
         name = shard_name(self.stamp, seq=self._seq)
@@ -134,37 +121,6 @@ class Interrupted(KeyboardInterrupt):
 
 class ShardWriteError(OSError):
     """A shard could not be written (disk full, permissions…); finished shards are intact."""
-
-
-def read_errors(out: str) -> list[dict]:
-    """The errors table of ``out`` (``OUT.meta/errors.parquet``, or ``OUT/_errors.parquet`` from older runs)."""
-    import pyarrow.parquet as pq
-
-    for location in (errors_path(out), legacy_errors_path(out)):
-        fs, path = resolve(location)
-        try:
-            with fs.open_input_file(path) as fh:
-                return pq.read_table(fh).to_pylist()
-        except FileNotFoundError:
-            continue
-        except (OSError, pa.ArrowInvalid):
-            return []
-    return []
-
-
-def write_errors(out: str, errors: list[dict]) -> None:
-    rows = sorted(errors, key=lambda e: e["path"])
-    table = pa.Table.from_pylist(
-        [{k: e.get(k) for k in ERRORS_SCHEMA.names} for e in rows], schema=ERRORS_SCHEMA
-    )
-    fs, path = resolve(errors_path(out))
-    atomic_write_table(table, fs, path)
-    for location in legacy_files(out):
-        legacy_fs, legacy = resolve(location)
-        try:  # now in the meta folder: out of the shard folder, so that globs there see shards only
-            legacy_fs.delete_file(legacy)
-        except OSError:
-            pass
 
 
 def write_json(out: str, name: str, payload: dict) -> None:

@@ -141,15 +141,9 @@ def from_images(images, metadata: ShardMetadata, *, features_dir=None, weights=N
 
 
 def _read_errors(out: Path) -> dict[str, str]:
-    import pyarrow.parquet as pq
+    from shardformat import read_errors
 
-    from shardformat.layout import errors_path, legacy_errors_path
-
-    path = next((Path(p) for p in (errors_path(out), legacy_errors_path(out)) if Path(p).is_file()), None)
-    if path is None:
-        return {}
-    table = pq.read_table(path, columns=["path", "reason"])
-    return dict(zip(table.column("path").to_pylist(), table.column("reason").to_pylist()))
+    return {row["path"]: row["reason"] for row in read_errors(out)}
 
 
 def _rows(given, source_path, loose: bool, to_given, fs, errors: dict[str, str], out: str) -> Resolved:

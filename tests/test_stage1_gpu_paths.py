@@ -11,6 +11,7 @@ import pytest
 
 import shardformat
 from shardformat.layout import errors_path
+from shardformat import shard_name
 from stage1_extract import extract, lifecycle
 from stage1_extract.backbones import get_backbone
 from stage1_extract.decode import decode_image
@@ -38,12 +39,12 @@ def _tiny_session(tmp_path, batch_size=4):
 # ------------------------------------------------------------------------------------------- lifecycle
 
 def test_shard_names_sort_by_run_and_retries_rewrite_the_same_file():
-    assert lifecycle.shard_name("20260101T000000-abc", seq=3) == "part-20260101T000000-abc-00003.parquet"
-    a = lifecycle.shard_name("S", paths=["x/1.jpg", "x/2.jpg"])
-    assert a == lifecycle.shard_name("S", paths=["x/1.jpg", "x/2.jpg"]) != lifecycle.shard_name("S", paths=["x/1.jpg"])
+    assert shard_name("20260101T000000-abc", seq=3) == "part-20260101T000000-abc-00003.parquet"
+    a = shard_name("S", paths=["x/1.jpg", "x/2.jpg"])
+    assert a == shard_name("S", paths=["x/1.jpg", "x/2.jpg"]) != shard_name("S", paths=["x/1.jpg"])
     assert a.startswith("part-S-") and a.endswith(".parquet")
     with pytest.raises(ValueError):
-        lifecycle.shard_name("S")
+        shard_name("S")
 
 
 def test_nonfinite_rows_are_named_and_refused():

@@ -22,7 +22,7 @@ import shardformat
 import stage1_extract.plan as plan_module
 from stage1_extract import extract
 from stage1_extract.lock import OutputLock
-from stage1_extract.writer import read_errors
+from shardformat import read_errors
 from tests.helpers import make_image_tree, make_tiny_onnx
 
 REPO = Path(__file__).resolve().parents[1]
