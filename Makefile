@@ -27,6 +27,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
+# The quick loop while developing: everything but the slow end-to-end, fault-injection and Ray tests.
+# CI runs the full `make test`.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow and not faults and not ray"; rc=$$?; if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
 bench: $(STAMP)
 	$(PY) bench/make_images.py --out bench/images
 	$(PY) bench/stage1.py --rounds 3 --memory-check
