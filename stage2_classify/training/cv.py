@@ -1,7 +1,7 @@
 """K-fold cross-validation on cached vectors: every labelled image predicted exactly once, out of fold.
 
 Folds are stratified by class and group-aware: an image's unit (its group, else its content, merged across
-shared content; see ``split.py``) never spans two folds, so exact duplicates and a patient's images are
+shared content; see ``data/split.py``) never spans two folds, so exact duplicates and a patient's images are
 always held out together (scikit-learn's ``StratifiedGroupKFold``; ``StratifiedKFold`` when every unit is
 one image). Rows are in the canonical order of ``load_dataset`` and the fold shuffle is seeded, so the same
 images and seed give the same folds whatever the shards' row order.
