@@ -100,6 +100,9 @@ def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, prog
 
     from stage2_classify.training.head import build_head
 
+    # Process-wide on purpose: Keras' initialisers, dropout and shuffling draw from its global seed generator
+    # and torch's RNG, so this is what makes "same seed, same numbers" hold. It also reseeds Python's ``random``
+    # and NumPy's global generator (stage 2 itself uses seeded ``default_rng`` objects only).
     keras.utils.set_random_seed(opts.seed)
     tr, va = split["train"], split["validation"]
     x_train, y_train = ds.features[tr], ds.y[tr]
