@@ -36,7 +36,7 @@ os.environ.setdefault("KERAS_BACKEND", "torch")
 
 
 def sorted_dataset(shards):
-    from stage2_classify.data import load_dataset
+    from stage2_classify.data.dataset import load_dataset
 
     ds = load_dataset(shards)
     order = np.argsort(ds.paths)
@@ -57,7 +57,8 @@ def main(argv=None) -> int:
 
     from stage1_extract import extract, get_backbone
     from stage1_extract.backbones import build_torch_classifier, weights_source
-    from stage2_classify.train import TrainOptions, evaluate_splits, fit_head, make_split
+    from stage2_classify.options import TrainOptions
+    from stage2_classify.training.fit import evaluate_splits, fit_head, make_split
 
     runs, data = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-draft-") as tmp:
@@ -77,7 +78,7 @@ def main(argv=None) -> int:
     split = make_split(full, opts)  # the same split (keyed by content) for both
     heads = {}
     for draft, ds in data.items():
-        fitted = fit_head(ds, split, opts)
+        fitted = fit_head(ds, split, opts, progress=False)
         metrics = evaluate_splits(fitted.model, ds, split)
         heads[draft] = fitted.model
         runs[draft].update({"test_accuracy": metrics["test"]["accuracy"], "test_macro_f1": metrics["test"]["macro_f1"],

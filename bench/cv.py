@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         ds = load_dataset(shards)
         result["load_seconds"] = round(time.perf_counter() - t0, 2)
         t0, c0 = time.perf_counter(), time.process_time()
-        cv = cross_validate(ds, Path(tmp) / "cv", folds=args.folds)
+        cv = cross_validate(ds, Path(tmp) / "cv", folds=args.folds, progress=False)
         result["linear_cv"] = {"seconds": round(time.perf_counter() - t0, 2),
                                "cpu_seconds": round(time.process_time() - c0, 2),
                                "fit_seconds": round(cv.seconds, 2),
@@ -92,9 +92,10 @@ def baselines(ds, fold: np.ndarray) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score
 
-    from stage2_classify.cv import _fit_keras_fold
-    from stage2_classify.linear import fit_linear
-    from stage2_classify.train import TrainOptions, column_stats
+    from stage2_classify.training.cv import fit_keras_fold as _fit_keras_fold
+    from stage2_classify.training.linear import fit_linear
+    from stage2_classify.options import TrainOptions
+    from stage2_classify.training.fit import column_stats
 
     train_rows, held = np.flatnonzero(fold != 0), np.flatnonzero(fold == 0)
     out = {}

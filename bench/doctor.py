@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     import torch
 
     from stage2_classify.doctor import doctor
-    from stage2_classify.neighbours import nearest_neighbours, normalise
+    from stage2_classify.doctor.neighbours import nearest_neighbours, normalise
 
     result = {"when": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             from stage2_classify import cross_validate
 
             with Clock() as cv:
-                cross_validate(tmp / "feats", folds=5)
+                cross_validate(tmp / "feats", folds=5, progress=False)
             result["cross_validate_linear_5_folds"] = cv.as_dict()
             print(f"cross_validate (5 folds, linear): {cv.wall:.1f}s wall", flush=True)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -98,9 +98,10 @@ def main(argv=None) -> int:
     import torch
 
     import shardformat
-    from stage2_classify.data import load_dataset
-    from stage2_classify.split import content_split
-    from stage2_classify.train import TrainOptions, fit_head
+    from stage2_classify.data.dataset import load_dataset
+    from stage2_classify.data.split import content_split
+    from stage2_classify.options import TrainOptions
+    from stage2_classify.training.fit import fit_head
 
     nbytes = args.rows * args.dim * 4
     with tempfile.TemporaryDirectory(prefix="bench-stage2-") as tmp:
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         train = {}
         for name, kw in runs:
             opts = TrainOptions(epochs=args.epochs, patience=args.epochs + 1, **kw)
-            r = timed(lambda: fit_head(ds, split, opts), args.train_repeats)
+            r = timed(lambda: fit_head(ds, split, opts, progress=False), args.train_repeats)
             fitted = r.pop("value")
             train[name] = {**r, "epochs": len(fitted.history["loss"]),
                            "final_val_accuracy": round(fitted.history["val_accuracy"][-1], 4),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stage2_classify.cli import parse_hidden  # one --hidden parser for both CLIs
+from stage2_classify.options import parse_hidden  # one --hidden parser for both CLIs
 
 
 def _stage1_args(p: argparse.ArgumentParser) -> None:
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
                                   train_options=_collect(args, TRAIN), **common)
             print(result.format())
         elif args.command == "predict":
-            from stage2_classify.cli import _prediction_summary
+            from stage2_classify.inference.predict import prediction_summary as _prediction_summary
 
             frame = pipeline.predict(args.images, args.model, args.out, features=args.features, top_k=args.top_k,
                                      weights=args.weights, onnx=args.onnx, progress=not args.no_progress, **common)

@@ -28,7 +28,7 @@ class PipelineResult:
     seconds: dict[str, float]
 
     def format(self) -> str:
-        from stage2_classify.metrics import format_metric
+        from stage2_classify.evaluation.metrics import format_metric
 
         test = self.metrics.get("test", {})
         val = self.metrics.get("validation", {})

@@ -15,60 +15,46 @@ Training reads only Parquet shards through ``shardformat`` (``docs/shard-format.
 prediction on images has them extracted by stage 1's public ``stage1_extract.extract``.
 Keras runs on its torch backend: importing this package sets ``KERAS_BACKEND=torch`` unless it is set.
 Keras and torch load on first use, so ``stage2-classify --help`` is instant.
+
+Layout (one subpackage per concern): ``data/`` (shards → Dataset, splits, split files), ``training/`` (the head,
+fitting, ``train``, ``sweep``, ``cross_validate``), ``runs/`` (the run directory: writing, its files, loading),
+``inference/`` (``Classifier``, inputs from images or shards, the open-set flag, ONNX export), ``evaluation/``
+(metrics, calibration, ``evaluate``), ``doctor/`` (the data doctor), ``reports/`` (HTML reports, plots),
+``cli/`` (``stage2-classify``); ``options.py`` (every option once), ``errors.py`` (``Stage2Error`` and its
+children), ``backend.py`` (the torch-backend check).
 """
 
 from __future__ import annotations
 
 import os
-import sys
 
+# Process-wide on purpose, and only as defaults (a value the user set wins): Keras reads KERAS_BACKEND when it is
+# first imported, so it must be set before any ``import keras``; stage 2 runs on torch only.
 os.environ.setdefault("KERAS_BACKEND", "torch")
 # OpenMP threads that spin while waiting (the default) stall for whole scheduler slices when another
 # process (stage 1, a second training) holds a core: training measured 5-50x slower on a busy 2-core
 # machine (docs/stage2.md). Only takes effect if torch is not imported yet; a user's value wins.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-_BACKEND_HELP = ("stage2_classify needs Keras' 'torch' backend. Set KERAS_BACKEND=torch (or leave it unset) "
-                 "before keras is imported, or import stage2_classify before keras.")
+from stage2_classify.backend import check_backend, keras_already_imported  # noqa: E402
+from stage2_classify.errors import (BackendError, DatasetError, DoctorError, ExportError, RunDirError,  # noqa: E402
+                                    Stage2Error)
 
-
-class BackendError(RuntimeError):
-    """Keras is (or would be) running on another backend than torch."""
-
-
-def _check_backend() -> None:
-    """Raise :class:`BackendError` unless Keras runs (or will run) on torch; imports keras if needed."""
-    if "keras" not in sys.modules and any(name.startswith("keras.src.") for name in sys.modules):
-        # An earlier ``import keras`` failed half-way (typically: no KERAS_BACKEND, so Keras tried TensorFlow);
-        # its backend choice is cached in the modules it left behind, so every later import fails the same way.
-        raise BackendError("an earlier `import keras` failed (Keras tried another backend, usually TensorFlow, "
-                           "which is not installed). Restart the Python process (the notebook kernel), then set "
-                           "KERAS_BACKEND=torch before importing keras (os.environ['KERAS_BACKEND'] = 'torch'), "
-                           "or import stage2_classify first.")
-    if "keras" not in sys.modules:
-        wanted = os.environ.get("KERAS_BACKEND", "torch")
-        if wanted != "torch":
-            raise BackendError(f"KERAS_BACKEND is {wanted!r}. {_BACKEND_HELP}")
-    import keras
-
-    if keras.backend.backend() != "torch":
-        raise BackendError(f"Keras was already imported with the {keras.backend.backend()!r} backend. {_BACKEND_HELP}")
-
-
-if any(name == "keras" or name.startswith("keras.src.") for name in sys.modules):
+if keras_already_imported():
     # imported (or tried) before us: refuse now rather than fail obscurely at training time
-    _check_backend()
+    check_backend()
 
-# Eager on purpose: the functions must shadow the submodules of the same name (train, predict, sweep).
 # None of these imports keras or torch at module level, so ``stage2-classify --help`` stays fast.
-from stage2_classify.data import Dataset, DatasetError, load_dataset  # noqa: E402
-from stage2_classify.rundir import RunDirError  # noqa: E402
-from stage2_classify.train import TrainOptions, TrainResult, train  # noqa: E402
-from stage2_classify.predict import EvaluationResult, evaluate, load_run, predict  # noqa: E402
-from stage2_classify.sweep import sweep  # noqa: E402
-from stage2_classify.cv import CVResult, cross_validate  # noqa: E402
-from stage2_classify.classifier import Classifier  # noqa: E402
+from stage2_classify.options import TrainOptions  # noqa: E402
+from stage2_classify.data.dataset import Dataset, load_dataset  # noqa: E402
+from stage2_classify.training.trainer import TrainResult, train  # noqa: E402
+from stage2_classify.training.sweep import sweep  # noqa: E402
+from stage2_classify.training.cv import CVResult, cross_validate  # noqa: E402
+from stage2_classify.runs.load import load_run  # noqa: E402
+from stage2_classify.evaluation.evaluate import EvaluationResult, evaluate  # noqa: E402
+from stage2_classify.inference.classifier import Classifier  # noqa: E402
+from stage2_classify.inference.predict import predict  # noqa: E402
 
-__all__ = ["BackendError", "CVResult", "Classifier", "Dataset", "DatasetError", "EvaluationResult", "RunDirError",
-           "TrainOptions", "TrainResult", "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep",
-           "train"]
+__all__ = ["BackendError", "CVResult", "Classifier", "Dataset", "DatasetError", "DoctorError", "EvaluationResult",
+           "ExportError", "RunDirError", "Stage2Error", "TrainOptions", "TrainResult", "check_backend",
+           "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep", "train"]

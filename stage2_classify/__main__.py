@@ -1,3 +1,5 @@
+"""``python -m stage2_classify``: the same commands as the ``stage2-classify`` console script."""
+
 import sys
 
 from stage2_classify.cli import main

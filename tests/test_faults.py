@@ -603,7 +603,7 @@ def test_second_run_on_the_same_output_refuses_while_the_first_writes(tmp_path):
 def _stage2_available() -> str | None:
     try:
         import stage2_classify  # noqa: F401
-        from stage2_classify.rundir import MARKER, check_run  # noqa: F401
+        from stage2_classify.runs.load import MARKER, check_run  # noqa: F401
     except Exception as exc:  # pragma: no cover - stage 2 not written yet
         return f"stage2_classify is not importable yet ({type(exc).__name__}: {exc})"
     if not hasattr(stage2_classify, "train") or not hasattr(stage2_classify, "predict"):
@@ -619,7 +619,8 @@ def test_training_killed_mid_way_leaves_no_model_that_predict_would_load(tmp_pat
     if reason:
         pytest.skip(reason)
     import stage2_classify as s2
-    from stage2_classify.rundir import MARKER, RunDirError
+    from stage2_classify import RunDirError
+    from stage2_classify.runs.layout import MARKER
 
     root = make_image_tree(tmp_path / "images", per_class=30, size=48)
     shards = tmp_path / "shards"

@@ -44,7 +44,7 @@ def test_read_json_is_defensive_only_when_asked(tmp_path):
 
 def test_sweep_on_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     from stage2_classify import sweep
-    from stage2_classify.synthetic import write_synthetic_shards
+    from tests.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(tmp_path / "shards", counts=(20, 20), dim=8)
     out = tmp_path / "sweep"
@@ -59,7 +59,7 @@ def test_training_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import pathlib
 
     from stage2_classify import train
-    from stage2_classify.synthetic import write_synthetic_shards
+    from tests.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(tmp_path / "shards", counts=(20, 20), dim=8)
     real = pathlib.Path.write_text
@@ -302,7 +302,7 @@ def test_shards_are_also_written_by_time(tmp_path, monkeypatch):
     import numpy as np
 
     import stage1_extract.writer as writer_module
-    from stage2_classify.synthetic import synthetic_metadata
+    from tests.synthetic import synthetic_metadata
 
     clock = [1000.0]
     monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
@@ -378,8 +378,8 @@ def test_stage1_and_pipeline_on_an_empty_folder_fail_clearly(tmp_path, tiny, cap
 
 def test_degenerate_training_sets_get_a_clear_message(tmp_path, capsys):
     from stage2_classify.cli import main
-    from stage2_classify.data import DatasetError, load_dataset
-    from stage2_classify.synthetic import write_synthetic_shards
+    from stage2_classify.data.dataset import DatasetError, load_dataset
+    from tests.synthetic import write_synthetic_shards
 
     few = write_synthetic_shards(tmp_path / "few", counts=(2, 3), shards=1)  # --images at one class folder
     with pytest.raises(DatasetError, match="too little data") as info:
@@ -400,7 +400,8 @@ def test_degenerate_training_sets_get_a_clear_message(tmp_path, capsys):
 def test_a_pickle_named_model_keras_is_called_what_it_is(tmp_path):
     import pickle
 
-    from stage2_classify.rundir import REQUIRED, RunDirError, check_run
+    from stage2_classify.runs.layout import REQUIRED
+    from stage2_classify.runs.load import RunDirError, check_run
 
     run = tmp_path / "run"
     run.mkdir()

@@ -111,7 +111,7 @@ def test_a_plain_state_dict_still_loads(tmp_path):
 def _stage2():
     try:
         import stage2_classify
-        from stage2_classify.rundir import FILES, MARKER
+        from stage2_classify.runs.layout import FILES, MARKER
     except Exception as exc:  # pragma: no cover - stage 2 not written yet
         pytest.skip(f"stage2_classify is not importable yet ({type(exc).__name__}: {exc})")
     return stage2_classify, FILES, MARKER

@@ -1,0 +1,253 @@
+"""One deployable file: the backbone and the head merged into a single ONNX graph, pixels in, probabilities out.
+
+Input ``images``: uint8, ``N×S×S×3`` RGB (S = ``input_size``), already resized (shorter side to ``resize``
+with ``interpolation``) and centre-cropped to S×S — exactly what stage 1 feeds its model. Inside the graph:
+cast, NHWC→NCHW, ``(x - mean) / std`` (0–255 scale), the backbone (stage 1's verified export, found by the
+run's ``onnx_sha256``), the head's standardisation, dense layers and softmax (converted from the Keras
+weights), and the open-set distance. Outputs: ``probabilities`` (float32 N×C, columns in ``labels`` order)
+and, when the run has an open-set detector, ``ood_score`` (float32 N; ``> ood_threshold`` means unknown).
+
+``metadata_props``: ``labels`` (JSON list), ``preprocessing`` (JSON: input_size, resize, interpolation, crop,
+mean, std), ``ood_threshold``, ``backbone``, ``precision``. The file is verified before it is written:
+the merged graph and the two-stage path (stage-1 ONNX → Keras head) must agree on the same pixels, real
+images when given; the largest probability difference is reported and a larger one than the tolerance is
+an error. ``precision="fp16"`` uses stage 1's fp16 export of the backbone (for GPUs; the small head stays
+float32).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from shardformat import atomic_write_bytes
+from stage2_classify.errors import ExportError
+
+TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # largest |Δ probability| accepted against the two-stage fp32 path
+MAX_IR_VERSION = 10  # onnxruntime 1.31 loads IR ≤ 13; stage 1's opset-17 exports are IR 8
+VERIFY_IMAGES = 64
+PREFIX = "ht_head_"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    path: str
+    precision: str
+    labels: list[str]
+    preprocessing: dict
+    max_probability_difference: float
+    max_ood_score_difference: float | None
+    verified_on: str  # what the check ran on
+    verified_images: int
+    ir_version: int
+    opset: int
+    size_bytes: int
+    verified_provider: str = "CPUExecutionProvider"  # where the merged model ran for the check
+
+    def format(self) -> str:
+        ood = (f", ood_score within {self.max_ood_score_difference:.1e} (relative)"
+               if self.max_ood_score_difference is not None else "")
+        return "\n".join([
+            f"exported {self.path} ({self.size_bytes / 2**20:.1f} MiB, {self.precision}, IR {self.ir_version}, "
+            f"opset {self.opset})",
+            f"  input    images uint8 N×{self.preprocessing['input_size']}×{self.preprocessing['input_size']}×3 "
+            f"(resize shorter side to {self.preprocessing['resize']}, {self.preprocessing['interpolation']}, "
+            "centre crop)",
+            f"  outputs  probabilities N×{len(self.labels)}" + (", ood_score N" if self.max_ood_score_difference
+                                                                   is not None else ""),
+            f"  verified ({self.verified_provider}) against the two-stage path on {self.verified_images} "
+            f"{self.verified_on}: largest "
+            f"probability difference {self.max_probability_difference:.2e}{ood}",
+        ])
+
+
+def head_layers(model) -> list[tuple[str, dict]]:
+    """The Keras head as plain arrays: ("standardise", mean, std) then ("dense", kernel, bias, activation)…"""
+    import keras
+
+    steps = []
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind in ("InputLayer", "Dropout"):  # dropout does nothing at inference
+            continue
+        if kind == "Normalization":
+            mean = keras.ops.convert_to_numpy(layer.mean).reshape(-1).astype(np.float64)
+            var = keras.ops.convert_to_numpy(layer.variance).reshape(-1).astype(np.float64)
+            # Keras divides by max(sqrt(variance), epsilon)
+            steps.append(("standardise", {"mean": mean, "std": np.maximum(np.sqrt(var), keras.config.epsilon())}))
+        elif kind == "Dense":
+            activation = keras.activations.serialize(layer.activation)
+            activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name")
+            if activation not in ("relu", "softmax", "linear"):
+                raise ExportError(f"layer {layer.name}: activation {activation!r} has no ONNX conversion here")
+            kernel, bias = (keras.ops.convert_to_numpy(w) for w in (layer.kernel, layer.bias))
+            steps.append(("dense", {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32),
+                                    "activation": activation}))
+        else:
+            raise ExportError(f"layer {layer.name} ({kind}) has no ONNX conversion; the head must be "
+                              "Normalization → Dense/Dropout layers")
+    if not steps or steps[-1][0] != "dense" or steps[-1][1]["activation"] != "softmax":
+        raise ExportError("the head must end in a softmax Dense layer")
+    return steps
+
+
+def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
+    """The backbone graph (``images`` → ``features``) extended by the head and the open-set distance."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(backbone_onnx)
+    graph = model.graph
+    features = graph.output[0].name
+    nodes, inits = [], []
+
+    def const(name: str, value: np.ndarray) -> str:
+        inits.append(numpy_helper.from_array(np.asarray(value, np.float32), PREFIX + name))
+        return PREFIX + name
+
+    x = features
+    for i, (kind, p) in enumerate(steps):
+        if kind == "standardise":
+            nodes += [helper.make_node("Sub", [x, const("mean", p["mean"])], [PREFIX + "centred"]),
+                      helper.make_node("Div", [PREFIX + "centred", const("std", p["std"])], [PREFIX + "standard"])]
+            x = PREFIX + "standard"
+            continue
+        nodes += [helper.make_node("MatMul", [x, const(f"kernel_{i}", p["kernel"])], [f"{PREFIX}mm_{i}"]),
+                  helper.make_node("Add", [f"{PREFIX}mm_{i}", const(f"bias_{i}", p["bias"])], [f"{PREFIX}dense_{i}"])]
+        x = f"{PREFIX}dense_{i}"
+        if p["activation"] == "relu":
+            nodes.append(helper.make_node("Relu", [x], [f"{PREFIX}relu_{i}"]))
+            x = f"{PREFIX}relu_{i}"
+        elif p["activation"] == "softmax":
+            nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=-1))
+            x = "probabilities"
+    n_classes = int(steps[-1][1]["kernel"].shape[1])
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", n_classes])]
+    if detector is not None:
+        # min over classes of ||z - c||² = ||z||² - 2 z·c + ||c||², z = features @ W
+        c = detector.centres.astype(np.float64)
+        nodes += [
+            helper.make_node("MatMul", [features, const("ood_w", detector.whitening)], [PREFIX + "z"]),
+            helper.make_node("Mul", [PREFIX + "z", PREFIX + "z"], [PREFIX + "z2"]),
+            helper.make_node("ReduceSum", [PREFIX + "z2", _const_i64(inits, "axis1", [1])], [PREFIX + "zn"],
+                             keepdims=1),
+            helper.make_node("MatMul", [PREFIX + "z", const("ood_ct2", -2.0 * c.T)], [PREFIX + "zc"]),
+            helper.make_node("Add", [PREFIX + "zc", PREFIX + "zn"], [PREFIX + "d2a"]),
+            helper.make_node("Add", [PREFIX + "d2a", const("ood_cn", (c * c).sum(axis=1))], [PREFIX + "d2"]),
+            helper.make_node("ReduceMin", [PREFIX + "d2"], [PREFIX + "d2min"], axes=[1], keepdims=0),
+            helper.make_node("Relu", [PREFIX + "d2min"], [PREFIX + "d2pos"]),  # rounding can dip below 0
+            helper.make_node("Sqrt", [PREFIX + "d2pos"], ["ood_score"]),
+        ]
+        outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]))
+    graph.node.extend(nodes)
+    graph.initializer.extend(inits)
+    del graph.output[:]
+    graph.output.extend(outputs)
+    graph.name = "pixels_to_probabilities"
+    del model.metadata_props[:]
+    for key, value in metadata_props.items():
+        model.metadata_props.add(key=key, value=value)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _const_i64(inits: list, name: str, value) -> str:
+    from onnx import numpy_helper
+
+    inits.append(numpy_helper.from_array(np.asarray(value, np.int64), PREFIX + name))
+    return PREFIX + name
+
+
+def _default_providers(precision: str) -> list[str]:
+    """fp16 is meant for GPUs: check it on one when ONNX Runtime and torch both see a usable CUDA device
+    (onnxruntime-gpu lists CUDA even where there is none). Otherwise the CPU, which runs fp16 too, slowly."""
+    import onnxruntime as ort
+
+    if precision == "fp16" and "CUDAExecutionProvider" in ort.get_available_providers():
+        import torch
+
+        if torch.cuda.is_available():
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+def _session(model_or_path, providers):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model_or_path, sess_options=opts, providers=providers)
+
+
+def _verification_pixels(images, preprocessing: dict) -> tuple[np.ndarray, str]:
+    """Up to ``VERIFY_IMAGES`` real images decoded as stage 1 does (``stage1_extract.load_pixels``); random
+    pixels when none are given."""
+    from stage1_extract import load_pixels
+
+    size = int(preprocessing["input_size"])
+    if images is None:
+        rng = np.random.default_rng(0)
+        return rng.integers(0, 256, size=(8, size, size, 3), dtype=np.uint8), "random-pixel images (pass images= " \
+            "/ --images to verify on real ones)"
+    pixels = load_pixels(images, preprocessing, limit=VERIFY_IMAGES)
+    if len(pixels.paths) == 0:
+        raise ExportError(f"none of the images in {images} could be decoded to verify the export "
+                          f"(e.g. {pixels.errors[:1]})")
+    return pixels.array, "real images"
+
+
+def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", images=None,
+           weights: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None,
+           providers: list[str] | None = None) -> ExportResult:
+    """Merge ``classifier``'s backbone and head into ``out`` (one ONNX file), verify it, write it atomically.
+
+    ``images`` (a file, folder, file list or list of paths) are used for the check; without them it runs on
+    random pixels and says so. ``weights``/``onnx``: as for :func:`stage1_extract.find_model`, when the
+    backbone export must be rebuilt.
+    """
+    from stage1_extract import find_model
+
+    if precision not in TOLERANCE:
+        raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
+    meta = classifier.metadata
+    backbone = find_model(meta, weights=weights, onnx=onnx, precision=precision)
+    reference_backbone = backbone if precision == "fp32" else find_model(meta, weights=weights, onnx=onnx,
+                                                                         precision="fp32")
+    steps = head_layers(classifier.model)
+    detector = classifier.ood
+    prep = {k: meta.preprocessing[k] for k in ("input_size", "resize", "interpolation", "crop", "mean", "std")
+            if k in meta.preprocessing}
+    props = {"labels": json.dumps(classifier.classes), "preprocessing": json.dumps(prep),
+             "backbone": meta.backbone, "precision": precision,
+             "producer": "hybrid-transfer stage2-classify export"}
+    if detector is not None:
+        props["ood_threshold"] = repr(float(detector.threshold))
+    merged = merge(backbone.onnx_path, steps, detector, props)
+    data = merged.SerializeToString()
+
+    providers = providers or _default_providers(precision)
+    pixels, source = _verification_pixels(images, prep)
+    session = _session(data, providers)
+    got = session.run(None, {"images": pixels})
+    features = _session(reference_backbone.onnx_path, ["CPUExecutionProvider"]).run(None, {"images": pixels})[0]
+    expected = classifier.predict_proba(features)
+    diff = float(np.abs(got[0] - expected).max())
+    if not diff <= TOLERANCE[precision]:
+        raise ExportError(f"the merged model differs from the two-stage path by {diff:.2e} in probability "
+                          f"(limit {TOLERANCE[precision]:.0e}) on {len(pixels)} {source}; nothing was written")
+    ood_diff = None
+    if detector is not None:
+        want = detector.score(features)
+        ood_diff = float((np.abs(got[1] - want) / np.maximum(np.abs(want), 1.0)).max())
+        if not ood_diff <= (1e-3 if precision == "fp32" else 5e-2):
+            raise ExportError(f"the merged model's ood_score differs by {ood_diff:.2e} (relative) from the "
+                              "detector's; nothing was written")
+    out = os.fspath(out)
+    atomic_write_bytes(out, data)  # temporary name, fsync, rename: an ordinary file mode, not mkstemp's 0600
+    return ExportResult(out, precision, classifier.classes, prep, diff, ood_diff, source, len(pixels),
+                        merged.ir_version, max(o.version for o in merged.opset_import if o.domain in ("", "ai.onnx")),
+                        len(data), session.get_providers()[0])
