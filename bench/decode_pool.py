@@ -46,7 +46,7 @@ def _list(images: Path, n: int) -> list[Path]:
 
 def run_one(cfg: dict) -> dict:
     """One stage-1 run in this (fresh) process: returns the loop's img/s from the run summary."""
-    import stage1_extract.loader as loader
+    import stage1_extract.decoding.pool as loader
     from stage1_extract import extract
 
     if cfg["pool"] != "this tree":

@@ -77,7 +77,7 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
     kwargs = dict(backbone=None if onnx else backbone, weights=weights, onnx=onnx, input_size=input_size,
                   progress=progress, **stage1_options)
     if engine == "ray":
-        from stage1_extract.ray_engine import extract_ray
+        from stage1_extract.engines.ray_driver import extract_ray
 
         summary = extract_ray(images, fdir, ray_address=ray_address, **kwargs)
     elif engine == "local":
@@ -166,7 +166,7 @@ def predict(
         require_file_target(out)  # before extracting, not after
     extract_fn = None
     if engine == "ray":
-        from stage1_extract.ray_engine import extract_ray
+        from stage1_extract.engines.ray_driver import extract_ray
 
         def extract_fn(source, fdir, **kwargs):
             return extract_ray(source, fdir, ray_address=ray_address, **kwargs)

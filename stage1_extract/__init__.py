@@ -8,8 +8,8 @@ Public API::
     print(summary.format())
 """
 
-from stage1_extract.backbones import DEFAULT_BACKBONE, WeightsUnavailableError, get_backbone, list_backbones
-from stage1_extract.deploy import Pixels, find_model, load_pixels
+from stage1_extract.model.registry import DEFAULT_BACKBONE, WeightsUnavailableError, get_backbone, list_backbones
+from stage1_extract.model.deploy import Pixels, find_model, load_pixels
 from stage1_extract.extract import ExtractSummary, StrictModeError, extract, prepare_model
 
 __all__ = [

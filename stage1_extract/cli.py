@@ -15,7 +15,7 @@ def _triple(text: str) -> tuple[float, float, float]:
 
 
 def _group_regex(text: str) -> str:
-    from stage1_extract.sources import compile_group_regex
+    from stage1_extract.inputs.listing import compile_group_regex
 
     try:
         compile_group_regex(text)
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.list_backbones:
-        from stage1_extract.backbones import list_backbones
+        from stage1_extract.model.registry import list_backbones
 
         for spec in list_backbones():
             prep = spec.preprocessing
@@ -101,13 +101,13 @@ def main(argv: list[str] | None = None) -> int:
 
     options = {}
     if args.engine == "ray":
-        from stage1_extract.ray_engine import extract_ray as extract
+        from stage1_extract.engines.ray_driver import extract_ray as extract
 
         options["ray_address"] = args.ray_address
     elif args.ray_address:
         build_parser().error("--ray-address needs --engine ray")
     if args.cuda_graph:
-        from stage1_extract.session import CudaOptions
+        from stage1_extract.runtime.session import CudaOptions
 
         options["cuda"] = CudaOptions(cuda_graph=True)
     try:

@@ -13,8 +13,8 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from stage1_extract.export import ExtractorModel, export_backbone, wrap_user_onnx
-from stage1_extract.lifecycle import (  # noqa: F401  (ExtractSummary, StrictModeError: public via this module)
+from stage1_extract.model.export import ExtractorModel, export_backbone, wrap_user_onnx
+from stage1_extract.run.lifecycle import (  # noqa: F401  (ExtractSummary, StrictModeError: public via this module)
     SUMMARY_FILE,
     ExtractSummary,
     StrictModeError,
@@ -24,12 +24,12 @@ from stage1_extract.lifecycle import (  # noqa: F401  (ExtractSummary, StrictMod
     open_run,
     plan_on,
 )
-from stage1_extract.lifecycle import shard_metadata  # noqa: F401  (re-exported)
-from stage1_extract.lifecycle import versions as _versions  # noqa: F401  (the benchmark records them)
-from stage1_extract.writer import Interrupted, ShardWriter, run_stamp
+from stage1_extract.run.lifecycle import shard_metadata  # noqa: F401  (re-exported)
+from stage1_extract.run.lifecycle import versions as _versions  # noqa: F401  (the benchmark records them)
+from stage1_extract.run.writer import Interrupted, ShardWriter, run_stamp
 
 if TYPE_CHECKING:
-    from stage1_extract.session import CudaOptions
+    from stage1_extract.runtime.session import CudaOptions
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, preci
         kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
                                         interpolation=interpolation).items() if v is not None}
         return wrap_user_onnx(onnx, **kwargs)
-    from stage1_extract.backbones import DEFAULT_BACKBONE
+    from stage1_extract.model.registry import DEFAULT_BACKBONE
 
     return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision)
 
@@ -71,17 +71,17 @@ def _decoder(decode: str, prep, batch_size: int, workers: int, draft: bool):
     back to torchvision's nvJPEG when the ``[gpu-decode]`` extra is missing), or a GPU decoder on the CPU."""
     kind, device = DECODERS[decode]
     if kind == "pool":
-        from stage1_extract.loader import DecodePool
+        from stage1_extract.decoding.pool import DecodePool
 
         return DecodePool(prep, batch_size=batch_size, workers=workers, draft=draft)
     if kind in ("gpu", "nvimgcodec"):
-        from stage1_extract.nvjpeg_decode import NvImageCodecDecoder, nvimgcodec_available
+        from stage1_extract.decoding.nvimgcodec import NvImageCodecDecoder, nvimgcodec_available
 
         if kind == "nvimgcodec" or nvimgcodec_available():
             return NvImageCodecDecoder(prep, batch_size=batch_size, device=device, io_threads=max(2, workers))
         log.warning("--decode gpu: nvImageCodec is not installed, so JPEGs are decoded by torchvision's nvJPEG "
                     "(no hardware decoder, slower); pip install 'hybrid-transfer[gpu-decode]'")
-    from stage1_extract.torch_decode import TorchDecoder
+    from stage1_extract.decoding.torch_decoder import TorchDecoder
 
     return TorchDecoder(prep, batch_size=batch_size, device=device, io_threads=max(2, workers))
 
@@ -131,19 +131,19 @@ def extract(
     ``decode="cpu"`` decodes with PIL in worker processes; ``decode="gpu"`` decodes JPEGs on the GPU's
     hardware JPEG decoder (nvImageCodec, the ``[gpu-decode]`` extra) and resizes there (other files fall back
     to PIL), which lifts the decode wall on GPU machines. On a GPU, copies to the device and inference overlap
-    decoding and writing (:mod:`stage1_extract.inference`); ``cuda`` tunes ONNX Runtime's CUDA provider
-    (:class:`~stage1_extract.session.CudaOptions`: NHWC, cuDNN search, CUDA graphs).
+    decoding and writing (:mod:`stage1_extract.runtime.inference`); ``cuda`` tunes ONNX Runtime's CUDA provider
+    (:class:`~stage1_extract.runtime.session.CudaOptions`: NHWC, cuDNN search, CUDA graphs).
 
     Each image's ``group`` (e.g. a patient) comes from a file list's ``group`` column, or from ``group_regex``
     (one capture group, searched in the relative path); stage 2 never splits a group. DICOM rows without one
     get a salted hash of their PatientID (``dicom_group="study"``: StudyInstanceUID; ``"none"``: no group; the
-    salt: see :mod:`stage1_extract.dicom_records`). ``dicom_frames="all"``: one row per frame of a multi-frame
+    salt: see :mod:`stage1_extract.inputs.dicom_records`). ``dicom_frames="all"``: one row per frame of a multi-frame
     DICOM (path ``scan.dcm#frame=3``, 1-based) instead of its first frame only.
     """
     if decode not in DECODERS:
         raise ValueError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
-    from stage1_extract.inference import OverlappedInference
-    from stage1_extract.session import FeatureSession, wants_gpu
+    from stage1_extract.runtime.inference import OverlappedInference
+    from stage1_extract.runtime.session import FeatureSession, wants_gpu
 
     t_start = time.perf_counter()
     # first: a wrong --images or --out is reported before the model export
