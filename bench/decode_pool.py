@@ -57,7 +57,7 @@ def run_one(cfg: dict) -> dict:
         shim.mkdir(exist_ok=True)
         # its reader predates read_image: give it the same fault hook (the fixed decode cost of --fixed-ms)
         source += ("\n_read_and_decode = _decode_one\n\n\ndef _decode_one(path, *args):\n"
-                   "    from stage1_extract.fault_hooks import inject\n\n"
+                   "    from tests.support.faults import inject\n\n"
                    "    inject(path)\n    return _read_and_decode(path, *args)\n")
         (shim / "loader_before.py").write_text(source)
         sys.path.insert(0, str(shim))
@@ -95,11 +95,12 @@ def _scenario_tree(name: str, args, tmp: Path) -> tuple[Path, int, dict, str]:
             dest.read_bytes()  # warm the page cache
         return tree, len(files), {}, f"{len(files)} photos from {args.images} (real decoding)"
     from tests.helpers import make_image_tree
+    from tests.support.faults import fault_env
 
     make_image_tree(tree, per_class=-(-args.n // 3), size=64)
     n = len(list(tree.rglob("*.jpg")))
     # every read sleeps: decoding costs the same whatever else the shared machine runs
-    return tree, n, {"STAGE1_FAULTS": f"sleep{args.fixed_ms}:*"}, \
+    return tree, n, fault_env(f"sleep{args.fixed_ms}:*"), \
         f"{n} small photos, each costing a fixed {args.fixed_ms} ms (sleep) on top of its decoding"
 
 

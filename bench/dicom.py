@@ -51,7 +51,7 @@ def _per_file_ms(fn, files) -> float:
 def header_pass(n: int, rounds: int) -> dict:
     from pydicom.data import get_testdata_file
 
-    from stage1_extract import dicom_records
+    from stage1_extract.inputs import dicom_records
     from stage1_extract.decoding.dicom import read_dataset
     from stage1_extract.inputs.listing import list_images
 

@@ -224,7 +224,7 @@ def part_gpu_decode(cfg: dict) -> dict:
     """GPU decode ceiling: the project's GPU decoder alone over the set (batches stay on the device)."""
     import torch
 
-    from stage1_extract.extract import _decoder
+    from stage1_extract.decoding.factory import make_decoder as _decoder
     from stage1_extract.model.preprocessing import Preprocessing
 
     prep = Preprocessing.from_dict(cfg["prep"])
@@ -254,7 +254,8 @@ def part_naive(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from stage1_extract.model.registry import build_feature_model, get_backbone, weights_source
+    from stage1_extract.model.registry import get_backbone
+    from stage1_extract.model.weights import build_feature_model, weights_source
     from stage1_extract.model.preprocessing import Preprocessing
 
     spec = get_backbone(cfg["backbone"])
@@ -298,7 +299,9 @@ def part_naive(cfg: dict) -> dict:
 
 def part_prepare(cfg: dict) -> dict:
     """Export (or find in the cache) the ONNX model, and resolve the project's defaults for this provider."""
-    from stage1_extract.extract import _versions, default_workers, prepare_model
+    from stage1_extract.engines.local import default_workers
+    from stage1_extract.model.export import prepare_model
+    from stage1_extract.run.lifecycle import versions as _versions
     from stage1_extract.run.lifecycle import default_batch_size
     from stage1_extract.runtime.session import wants_gpu
 

@@ -27,7 +27,8 @@ import pytest
 
 import shardformat
 from shardformat import METADATA_KEY, IncompatibleShardsError, ShardFormatError, ShardMetadata, write_shard
-from stage1_extract.model.registry import WeightsUnavailableError, get_backbone, weights_source
+from stage1_extract.model.registry import get_backbone
+from stage1_extract.model.weights import WeightsUnavailableError, weights_source
 
 REPO = Path(__file__).resolve().parents[1]
 

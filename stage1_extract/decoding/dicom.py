@@ -18,18 +18,16 @@ import io
 import logging
 import math
 import os
-import re
 import stat
 import threading
 import warnings
 
 import numpy as np
 
-from stage1_extract.decoding.image import DecodeError
+from stage1_extract.decoding.files import DecodeError, frame_ref, split_frame_ref  # noqa: F401  (frame paths)
 from stage1_extract.decoding.windowing import percentile_window, range_unit, unit_to_uint8, window_unit
 
 DICOM_EXTENSIONS = {".dcm", ".dicom", ".dic"}
-_FRAME_REF = re.compile(r"^(?P<path>.+)#frame=(?P<number>[1-9][0-9]*)$")
 _VRS = {vr.encode() for vr in ("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC "
                                 "UI UL UN UR US UT UV").split()}
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -80,19 +78,6 @@ def is_dicom_file(path: str) -> bool:
         return False
 
 
-def frame_ref(path: str, index: int) -> str:
-    """The row path for one frame of a multi-frame file: ``scan.dcm#frame=3`` (DICOM's 1-based frame number)."""
-    return f"{path}#frame={index + 1}"
-
-
-def split_frame_ref(path: str) -> tuple[str, int | None]:
-    """``scan.dcm#frame=3`` → (``scan.dcm``, 2), the 0-based frame index; any other path → (path, None)."""
-    found = _FRAME_REF.match(path)
-    if found is None or os.path.exists(path):  # a file really named so is a file, not a frame
-        return path, None
-    return found["path"], int(found["number"]) - 1
-
-
 class _MuteWhileReading(logging.Filter):
     """Drops pydicom's log records in threads that are reading a file (they can quote element values)."""
 
@@ -103,14 +88,23 @@ class _MuteWhileReading(logging.Filter):
 
 
 _MUTE = _MuteWhileReading()
+_READERS = [0]  # reads in progress, in every thread: the filter is on pydicom's logger only while one is
+_READERS_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
 def quiet_pydicom():
-    """pydicom without warnings or log records (both can carry patient data) for the duration."""
+    """pydicom without warnings or log records (both can carry patient data) for the duration.
+
+    The log filter is on pydicom's logger only while a read is in progress (installed by the first reader,
+    removed by the last), so a program that also uses pydicom keeps its log once stage 1 is done; it drops only
+    the records of the reading threads.
+    """
     logger = logging.getLogger("pydicom")
-    if _MUTE not in logger.filters:
-        logger.addFilter(_MUTE)
+    with _READERS_LOCK:
+        if _READERS[0] == 0:
+            logger.addFilter(_MUTE)
+        _READERS[0] += 1
     _MUTE.state.depth = getattr(_MUTE.state, "depth", 0) + 1  # nested uses: quiet until the outermost ends
     try:
         with warnings.catch_warnings():
@@ -118,6 +112,10 @@ def quiet_pydicom():
             yield
     finally:
         _MUTE.state.depth -= 1
+        with _READERS_LOCK:
+            _READERS[0] -= 1
+            if _READERS[0] == 0:
+                logger.removeFilter(_MUTE)
 
 
 def read_dataset(source, **options):

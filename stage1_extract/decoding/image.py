@@ -1,24 +1,21 @@
 """Image decoding: file bytes → RGB uint8 array, resized and centre-cropped as the backbone expects.
 
 Imported by decode worker processes, so it must stay light (numpy and PIL only, no torch).
-Every failure becomes a :class:`DecodeError` with a reason a person can read; the caller records it.
-:func:`read_image` is the one file reader of every decoder and engine (size limit, FIFOs, transient I/O
-errors), and :func:`decode_file` the one read-and-decode step of the CPU decoders (worker pool and Ray).
+Every failure becomes a :class:`~stage1_extract.decoding.files.DecodeError` with a reason a person can read;
+the caller records it. Files are read by :mod:`stage1_extract.decoding.files`; :func:`decode_file` is the one
+read-and-decode step of the CPU decoders (worker pool and Ray).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import errno
-import hashlib
 import io
 import os
-import stat
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from stage1_extract.decoding.files import DecodeError, FileResult, read_image, split_frame_ref
 from stage1_extract.model.preprocessing import Preprocessing
 
 _RESAMPLE = {
@@ -27,122 +24,14 @@ _RESAMPLE = {
     "nearest": Image.Resampling.NEAREST,
     "lanczos": Image.Resampling.LANCZOS,
 }
-MAX_FILE_BYTES = 512 * 1024 * 1024
 #: Peak memory one image may take to decode (estimated from its size and pixel mode before any pixel is
 #: decoded); larger images are recorded with the reason. Override with STAGE1_DECODE_MEMORY_MB.
 MEMORY_BUDGET_BYTES = int(os.environ.get("STAGE1_DECODE_MEMORY_MB", "1024")) * 2**20
-#: I/O failures that say nothing about the file (a flaky disk or network mount, exhausted descriptors or
-#: memory): recorded for this run, retried by the next one.
-TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EAGAIN, errno.EINTR,
-                              errno.ETIMEDOUT, errno.ESTALE, errno.ENOBUFS, errno.EBUSY, errno.ENOLCK,
-                              errno.ECONNRESET, errno.ECONNABORTED, errno.EHOSTDOWN, errno.EHOSTUNREACH,
-                              errno.ENETDOWN, errno.ENETUNREACH, errno.ENOTCONN, errno.EREMOTEIO})
-
-
-class DecodeError(Exception):
-    """An image file that cannot be used; ``str(exc)`` is the reason recorded in the errors table.
-
-    ``transient`` errors (out of memory, I/O errors) are not the file's fault: the next run retries them.
-    """
-
-    def __init__(self, reason: str, *, transient: bool = False) -> None:
-        super().__init__(reason)
-        self.transient = transient
-
-
-@dataclasses.dataclass
-class FileResult:
-    """What reading (and decoding) one file gave: ``reason`` is None on success."""
-
-    data: bytes | None
-    reason: str | None = None
-    transient: bool = False
-    file_size: int = 0
-    mtime_ns: int = 0
-    content_id: str | None = None
-
-
-def content_id(data: bytes) -> str:
-    """Identity of a file's content for incremental runs: size plus a 128-bit BLAKE2b digest."""
-    return f"{len(data)}-{hashlib.blake2b(data, digest_size=16).hexdigest()}"
-
-
-def _os_error(what: str, exc: OSError) -> tuple[str, bool]:
-    """(reason, transient) for an OSError while opening or reading a file."""
-    if isinstance(exc, PermissionError):
-        return "permission denied", False
-    if isinstance(exc, IsADirectoryError):
-        return "is a directory", False
-    transient = exc.errno in TRANSIENT_ERRNOS
-    return f"{what}: {exc.strerror or exc}" + (" (transient: retried next run)" if transient else ""), transient
-
-
-def read_image(path: str) -> FileResult:
-    """Read one image file as every decoder and engine must: never blocking, never over the size limit.
-
-    ``O_NONBLOCK``: opening a FIFO (listed in a file list, or swapped in after listing) must not wait forever
-    for a writer; it makes no difference to reading a regular file. The checks apply to what was opened,
-    not to what the path names now. Errors come back as ``reason`` (with ``transient`` set for I/O trouble
-    that says nothing about the file), never raised.
-    """
-    from stage1_extract.decoding.dicom import split_frame_ref
-    from stage1_extract.fault_hooks import inject
-
-    path = split_frame_ref(path)[0]  # "scan.dcm#frame=3" (one frame of a multi-frame DICOM): read its file
-    try:
-        inject(path)
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except MemoryError:
-        return FileResult(None, "out of memory while opening the file (transient: retried next run)", True)
-    except OSError as exc:
-        return FileResult(None, *_os_error("cannot open", exc))
-    try:
-        st = os.fstat(fd)
-        size, mtime = st.st_size, st.st_mtime_ns
-        if not stat.S_ISREG(st.st_mode):
-            return FileResult(None, "not a regular file", False, size, mtime)
-        if size > MAX_FILE_BYTES:
-            return FileResult(None, f"file is {size / 2**20:.0f} MiB, over the {MAX_FILE_BYTES // 2**20} MiB limit",
-                              False, size, mtime)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
-    except MemoryError:
-        return FileResult(None, "out of memory while reading the file (transient: retried next run)", True)
-    except OSError as exc:
-        return FileResult(None, *_os_error("cannot read file", exc))
-    finally:
-        os.close(fd)
-    if not data:
-        return FileResult(None, "empty file (0 bytes)", False, size, mtime, content_id(data))
-    return FileResult(data, None, False, size, mtime, content_id(data))
-
-
-def read_ahead(pool, read, paths, batch_size: int, ahead: int = 2):
-    """Yield ``(indices, [read(path) …])`` batch by batch, in order, while ``pool`` (an executor) already reads
-    the next ``ahead`` batches: the in-process decoders (torch, nvImageCodec) overlap file reading with decoding."""
-    chunks = [list(range(s, min(s + batch_size, len(paths)))) for s in range(0, len(paths), batch_size)]
-    reads = [pool.map(read, [paths[i] for i in chunk]) for chunk in chunks[:ahead]]
-    for n, chunk in enumerate(chunks):
-        if n + ahead < len(chunks):
-            reads.append(pool.map(read, [paths[i] for i in chunks[n + ahead]]))
-        results = list(reads[n])
-        reads[n] = None
-        yield chunk, results
-
-
-def read_file(path: str) -> bytes:
-    """The bytes of ``path`` (through :func:`read_image`), or :class:`DecodeError` with the reason."""
-    got = read_image(path)
-    if got.reason is not None and got.reason != "empty file (0 bytes)":
-        raise DecodeError(got.reason, transient=got.transient)
-    return got.data or b""
 
 
 def decode_file(path: str, prep: Preprocessing, out: np.ndarray, *, draft: bool = False) -> FileResult:
     """Read and decode ``path`` into ``out`` (an ``input_size² × 3`` uint8 array); the failure, if any, in
     the result (``data`` is dropped: only identity and reason travel back from a decode worker)."""
-    from stage1_extract.decoding.dicom import split_frame_ref
-
     got = read_image(path)
     got.data, data = None, got.data
     if got.reason is not None:

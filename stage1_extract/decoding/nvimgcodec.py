@@ -28,16 +28,18 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from stage1_extract.decoding.image import DecodeError, decode_image, read_ahead, read_image
-from stage1_extract.decoding.pool import Batch, ItemResult
+from stage1_extract.decoding.files import DecodeError, read_ahead, read_image, split_frame_ref
+from stage1_extract.decoding.image import decode_image
+from stage1_extract.decoding.batches import Batch, ItemResult
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.decoding.torch_decoder import MAX_ASPECT, resize_crop_float
+from stage1_extract.errors import Stage1Error
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "pip install 'hybrid-transfer[gpu-decode]' (nvidia-nvimgcodec-cu13 and nvidia-nvjpeg)"
 
 
-class GpuDecodeUnavailableError(RuntimeError):
+class GpuDecodeUnavailableError(Stage1Error, RuntimeError):
     """nvImageCodec is not installed, or cannot reach the GPU."""
 
 
@@ -100,10 +102,8 @@ def _import_nvimgcodec():
 
 def read_file(path: str) -> tuple:
     """(bytes or None, error reason, size, mtime_ns, content id, transient, DICOM frame) through
-    :func:`stage1_extract.decoding.image.read_image`: the CPU pool's size limit, FIFO guard and reasons. The content
+    :func:`stage1_extract.decoding.files.read_image`: the CPU pool's size limit, FIFO guard and reasons. The content
     id is hashed here, in the reading threads, not on the thread feeding the GPU."""
-    from stage1_extract.decoding.dicom import split_frame_ref
-
     got = read_image(path)
     return got.data, got.reason, got.file_size, got.mtime_ns, got.content_id, got.transient, \
         split_frame_ref(path)[1]

@@ -17,12 +17,10 @@ deaths are the file's fault and which are retried next run.
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import multiprocessing as mp
 import os
 import queue
-import signal
 import threading
 import time
 from multiprocessing import connection
@@ -34,6 +32,9 @@ from stage1_extract.decoding.worker import CELL_SHIFT as _CELL_SHIFT
 from stage1_extract.decoding.worker import MAX_WORKERS as _MAX_WORKERS
 from stage1_extract.decoding.worker import header_bytes as _header_bytes
 from stage1_extract.decoding.worker import worker_main as _worker
+from stage1_extract.decoding.batches import Batch, ItemResult
+from stage1_extract.decoding.pool_tasks import BatchState, Task, WorkerHandle, death_cause, death_reason
+from stage1_extract.errors import Stage1Error
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.decoding.shm import allocate_slots
 
@@ -47,32 +48,10 @@ DEPTH = 2
 #: Seconds one image may take before the watchdog stops its worker (a hung decoder or file system).
 ITEM_TIMEOUT = float(os.environ.get("STAGE1_DECODE_TIMEOUT", "300"))
 STARTUP_TIMEOUT = 120.0  # seconds a new worker may take to import and take its first task
-# Deaths that say nothing about the image (the OOM killer or a user, the watchdog, an unknown end): retried
-# next run. Any other death while decoding one image twice (SIGSEGV, SIGABRT, an exit) is the file's fault.
-_NOT_THE_FILE = {"SIGKILL", "SIGTERM", "SIGINT", "timeout", "unknown"}
 
 
-class DecodePoolError(RuntimeError):
+class DecodePoolError(Stage1Error, RuntimeError):
     """The decode pool cannot go on (workers die at start, or shared memory fails); finished shards are kept."""
-
-
-@dataclasses.dataclass
-class ItemResult:
-    index: int  # position in the caller's list of images
-    row: int  # row in the batch's pixels, or -1 on error
-    reason: str | None
-    content_id: str | None
-    file_size: int
-    mtime_ns: int
-    transient: bool = False  # not the file's fault (out of memory, I/O error, killed worker): retry next run
-
-
-@dataclasses.dataclass
-class Batch:
-    slot: int
-    pixels: np.ndarray  # view of the slot: (n_ok, S, S, 3) uint8, valid until the next batch is asked for
-    items: list[ItemResult]
-    decode_seconds: float
 
 
 def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
@@ -81,31 +60,6 @@ def _decode_one(path: str, prep: Preprocessing, draft: bool, out: np.ndarray):
 
     got = decode_file(path, prep, out, draft=draft)
     return got.reason, got.content_id, got.file_size, got.mtime_ns
-
-
-@dataclasses.dataclass
-class _Task:
-    task_id: int
-    batch: "_BatchState"
-    items: list[tuple[int, int, str]]  # (index, row in the whole block, path)
-    suspect: str | None = None  # set on a lone retry of the image a worker died on: how it died then
-
-
-@dataclasses.dataclass
-class _BatchState:
-    slot: int
-    first_row: int
-    pending: int
-    results: dict[int, tuple] = dataclasses.field(default_factory=dict)  # index -> (offset, result tuple)
-    seconds: float = 0.0
-
-
-class _Worker:
-    def __init__(self, proc, conn, position: int) -> None:
-        self.proc, self.conn, self.position = proc, conn, position
-        self.tasks: collections.deque[_Task] = collections.deque()  # handed out, in the order it runs them
-        self.progress: tuple[int, float] = (-1, time.monotonic())  # (cell value, when it was first seen)
-        self.timed_out = False
 
 
 class DecodePool:
@@ -139,7 +93,7 @@ class DecodePool:
         self._cells = np.ndarray((_MAX_WORKERS,), dtype=np.int64, buffer=self._shm.buf)
         self._cells[:] = -1
         self._ctx = mp.get_context("spawn")
-        self._workers: dict[int, _Worker] = {}  # position -> worker
+        self._workers: dict[int, WorkerHandle] = {}  # position -> worker
         self._deaths_without_progress = 0
         self._bus_errors = 0
         self._next_task_id = 0
@@ -165,7 +119,7 @@ class DecodePool:
         proc.start()
         child_end.close()  # only the worker holds it now: its death reads as end-of-file here
         self._cells[position] = -1
-        self._workers[position] = _Worker(proc, parent_end, position)
+        self._workers[position] = WorkerHandle(proc, parent_end, position)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live decode workers (for monitoring and fault tests)."""
@@ -230,16 +184,16 @@ class DecodePool:
         bs = self.batch_size
         starts = collections.deque(range(0, len(paths), bs))
         free_slots = collections.deque(range(self.n_slots))
-        ready: collections.deque[_Task] = collections.deque()  # tasks not yet handed to a worker
+        ready: collections.deque[Task] = collections.deque()  # tasks not yet handed to a worker
         unfinished = 0  # batches opened and not yet complete
 
         def new_task(state, items, suspect=None, front=False):
             # ids never repeat, not even across runs: a progress cell must never match a task it is not on
-            t = _Task(self._next_task_id, state, items, suspect)
+            t = Task(self._next_task_id, state, items, suspect)
             self._next_task_id += 1
             (ready.appendleft if front else ready.append)(t)
 
-        def finish(task: _Task, results: list[tuple], seconds: float) -> None:
+        def finish(task: Task, results: list[tuple], seconds: float) -> None:
             nonlocal unfinished
             state = task.batch
             for (index, row, _), res in zip(task.items, results):
@@ -258,7 +212,7 @@ class DecodePool:
                 while starts and free_slots and len(ready) < self.workers * DEPTH:
                     start, slot = starts.popleft(), free_slots.popleft()
                     n = min(bs, len(paths) - start)
-                    state = _BatchState(slot=slot, first_row=slot * bs, pending=n)
+                    state = BatchState(slot=slot, first_row=slot * bs, pending=n)
                     for lo in range(0, n, self.task_size):
                         new_task(state, [(start + k, slot * bs + k, paths[start + k])
                                          for k in range(lo, min(n, lo + self.task_size))])
@@ -311,7 +265,7 @@ class DecodePool:
                 self._on_death(w)
         self._watchdog()
 
-    def _receive(self, w: _Worker) -> bool:
+    def _receive(self, w: WorkerHandle) -> bool:
         """Read every finished task a worker has sent; False once its pipe is closed (it died)."""
         try:
             while w.conn.poll():
@@ -347,7 +301,7 @@ class DecodePool:
         w.conn.close()
         self._spawn(position)
 
-    def _on_death(self, w: _Worker) -> None:
+    def _on_death(self, w: WorkerHandle) -> None:
         """A worker died: account for every task it held, then replace it.
 
         The task it was running is split at the image in its progress cell: the images before and after go
@@ -359,7 +313,7 @@ class DecodePool:
         self._receive(w)  # results it sent before dying are valid
         w.proc.join(timeout=5)
         code = w.proc.exitcode
-        cause = "timeout" if w.timed_out else _death_cause(code)
+        cause = "timeout" if w.timed_out else death_cause(code)
         cell = int(self._cells[w.position])
         tasks = list(w.tasks)
         w.tasks.clear()
@@ -396,23 +350,15 @@ class DecodePool:
             self._new_task(running.batch, [culprit], suspect=cause, front=True)
             return
         index, row, path = culprit
-        if cause == "timeout":
-            reason, transient = (f"decoding took over {self.item_timeout:.0f} s; the worker was stopped "
-                                 "(transient: retried next run)"), True
-        elif cause in _NOT_THE_FILE or running.suspect in _NOT_THE_FILE:
-            killed = cause if cause in _NOT_THE_FILE else running.suspect
-            reason, transient = (f"decode worker was killed ({killed}) while decoding this file, e.g. by the "
-                                 "out-of-memory killer (transient: retried next run)"), True
-        else:
-            reason, transient = f"decoder process crashed on this file ({cause})", False
+        reason, transient = death_reason(cause, running.suspect, self.item_timeout)
         try:  # identify the file as the next run's plan will, so that it knows this failure
             st = os.stat(path)
             size, mtime = st.st_size, st.st_mtime_ns
         except OSError:
             size = mtime = 0
-        self._finish(_Task(-1, running.batch, [culprit]), [(index, reason, transient, None, size, mtime)], 0.0)
+        self._finish(Task(-1, running.batch, [culprit]), [(index, reason, transient, None, size, mtime)], 0.0)
 
-    def _batch(self, state: _BatchState) -> Batch:
+    def _batch(self, state: BatchState) -> Batch:
         """The finished batch, its decoded rows moved together at the front of its slot."""
         slot_rows = self._rows[state.first_row:state.first_row + self.batch_size]
         items, n_ok = [], 0
@@ -469,14 +415,3 @@ def _wake(fd: int) -> None:
         os.write(fd, b"\0")
     except (BlockingIOError, OSError):
         pass
-
-
-def _death_cause(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "unknown"
-    if exitcode < 0:
-        try:
-            return signal.Signals(-exitcode).name
-        except ValueError:
-            return f"signal {-exitcode}"
-    return f"exit code {exitcode}"

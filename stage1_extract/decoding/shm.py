@@ -15,13 +15,15 @@ import logging
 import os
 from multiprocessing import shared_memory
 
+from stage1_extract.errors import Stage1Error
+
 log = logging.getLogger(__name__)
 SHM_DIR = "/dev/shm"
 FIX = ("make /dev/shm larger (docker run --shm-size=2g …, or as root: mount -o remount,size=2G /dev/shm) "
        "or free space in it")
 
 
-class SharedMemoryTooSmallError(RuntimeError):
+class SharedMemoryTooSmallError(Stage1Error, RuntimeError):
     """``/dev/shm`` cannot hold even the smallest decode buffers."""
 
 

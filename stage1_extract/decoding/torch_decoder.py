@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, Sequence
 
 
-from stage1_extract.decoding.image import DecodeError, decode_image, read_ahead, read_image
-from stage1_extract.decoding.dicom import split_frame_ref
-from stage1_extract.decoding.pool import Batch, ItemResult
+from stage1_extract.decoding.files import DecodeError, read_ahead, read_image, split_frame_ref
+from stage1_extract.decoding.image import decode_image
+from stage1_extract.decoding.batches import Batch, ItemResult
 from stage1_extract.model.preprocessing import Preprocessing
 
 MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much memory: use PIL's box path

@@ -12,7 +12,9 @@ import os
 import re
 from pathlib import Path
 
-from stage1_extract.decoding.dicom import is_dicom_file, split_frame_ref
+from stage1_extract.decoding.dicom import is_dicom_file
+from stage1_extract.decoding.files import split_frame_ref
+from stage1_extract.errors import Stage1Error
 
 IMAGE_EXTENSIONS = {
     ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
@@ -253,7 +255,7 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
                               regex)
 
 
-class NoImagesError(ValueError):
+class NoImagesError(Stage1Error, ValueError):
     """The input holds no image at all: a wrong --images, most likely; nothing is written."""
 
 

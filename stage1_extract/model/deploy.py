@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata
-from stage1_extract.model.export import ExtractorModel, cache_dir
+from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model
 from stage1_extract.model.preprocessing import Preprocessing
 
 
@@ -29,7 +29,7 @@ def _as_metadata(metadata: ShardMetadata | str | dict) -> ShardMetadata:
 
 def _from_cache(meta: ShardMetadata) -> ExtractorModel | None:
     """The cached export whose bytes are exactly the ones that made ``meta``'s vectors, if still cached."""
-    from stage1_extract.model.registry import file_sha256
+    from stage1_extract.model.weights import file_sha256
 
     for info_path in sorted(cache_dir().glob("*.json")):
         try:
@@ -56,7 +56,7 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
     needs the same weights file when the export must be rebuilt. Raises
     :class:`~shardformat.IncompatibleShardsError` when what can be built would make different vectors.
     """
-    from stage1_extract.extract import prepare_model, shard_metadata
+    from stage1_extract.run.lifecycle import shard_metadata
 
     meta = _as_metadata(metadata)
     precision = precision or meta.precision
@@ -103,7 +103,8 @@ def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | Non
     ``images``: one image file, a folder or file list (listed as :func:`extract` lists them), or a list of
     paths. ``limit`` keeps that many, spread evenly over the listing (class folders come sorted by class).
     """
-    from stage1_extract.decoding.image import DecodeError, decode_image, read_file
+    from stage1_extract.decoding.files import DecodeError, read_file
+    from stage1_extract.decoding.image import decode_image
     from stage1_extract.inputs.listing import IMAGE_EXTENSIONS, list_images
 
     prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)

@@ -17,22 +17,18 @@ from pathlib import Path
 import numpy as np
 
 from shardformat import atomic_write_bytes
-from stage1_extract.model.registry import (
-    BackboneSpec,
-    build_feature_model,
-    file_sha256,
-    get_backbone,
-    weights_source,
-)
+from stage1_extract.errors import Stage1Error
 from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME, add_preprocessing_and_pooling
 from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.model.registry import BackboneSpec, get_backbone
+from stage1_extract.model.weights import build_feature_model, file_sha256, weights_source
 
 OPSET = 17
 EXPORT_FORMAT = 2  # bump when the exported graph's layout changes, to invalidate caches
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
 
 
-class ExportVerificationError(RuntimeError):
+class ExportVerificationError(Stage1Error, RuntimeError):
     """ONNX Runtime's output does not match torch's: the exported model must not be used."""
 
 
@@ -222,3 +218,15 @@ def wrap_user_onnx(
         feature_dim=int(info["feature_dim"]),
         precision=precision,
     )
+
+
+def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
+                  input_size=None, resize=None, mean=None, std=None, interpolation=None) -> ExtractorModel:
+    """The ONNX extractor for a registry backbone (exported and cached) or for a user's ONNX file."""
+    if onnx is not None:
+        kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
+                                        interpolation=interpolation).items() if v is not None}
+        return wrap_user_onnx(onnx, **kwargs)
+    from stage1_extract.model.registry import DEFAULT_BACKBONE
+
+    return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision)

@@ -13,12 +13,13 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.errors import Stage1Error
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
 
 
-class OnnxModelError(ValueError):
+class OnnxModelError(Stage1Error, ValueError):
     """An ONNX model cannot be used as a feature extractor."""
 
 

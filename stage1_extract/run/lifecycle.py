@@ -27,13 +27,14 @@ from stage1_extract.run.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.run.signals import sigterm_as_interrupt
 from shardformat import read_errors, write_errors
 from stage1_extract.run.writer import write_json
+from stage1_extract.errors import Stage1Error
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
 TIMING_KEYS = ("wait_decode", "infer", "write", "decode_worker")
 
 
-class StrictModeError(RuntimeError):
+class StrictModeError(Stage1Error, RuntimeError):
     """``strict=True`` and an input could not be used."""
 
 

@@ -11,9 +11,10 @@ import os
 from pathlib import Path
 
 from shardformat.layout import meta_file, require_folder
+from stage1_extract.errors import Stage1Error
 
 
-class OutputLockedError(RuntimeError):
+class OutputLockedError(Stage1Error, RuntimeError):
     """Another run is writing to the same output directory."""
 
 

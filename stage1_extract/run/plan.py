@@ -20,8 +20,7 @@ from collections import defaultdict
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from stage1_extract.decoding.image import content_id
-from stage1_extract.decoding.dicom import split_frame_ref
+from stage1_extract.decoding.files import content_id, split_frame_ref
 from stage1_extract.inputs.listing import ImageRecord
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 
 from shardformat import ShardMetadata, atomic_write_json, shard_name, write_shard
 from shardformat.layout import meta_file
+from stage1_extract.errors import Stage1Error
 
 def run_stamp() -> str:
     """Sortable, unique per run: shard names sort in write order across runs."""
@@ -119,7 +120,7 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = getattr(by, "exit_code", 130)
 
 
-class ShardWriteError(OSError):
+class ShardWriteError(Stage1Error, OSError):
     """A shard could not be written (disk full, permissions…); finished shards are intact."""
 
 

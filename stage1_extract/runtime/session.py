@@ -19,16 +19,17 @@ import os
 import numpy as np
 
 from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME
+from stage1_extract.options import PROVIDERS
+from stage1_extract.errors import Stage1Error
 
 log = logging.getLogger(__name__)
-PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 _ORT_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 TENSORRT_HINT = "pip install 'hybrid-transfer[tensorrt]' (the tensorrt-cu13 wheels from PyPI)"
 
 
-class ProviderUnavailableError(RuntimeError):
+class ProviderUnavailableError(Stage1Error, RuntimeError):
     """The requested execution provider cannot run on this machine."""
 
 

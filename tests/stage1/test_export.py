@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from stage1_extract import backbones, export
+from stage1_extract.model import export, registry, weights
 from stage1_extract.decoding.image import decode_image
 from stage1_extract.runtime.session import FeatureSession
 from tests.helpers import make_tiny_onnx, photo
@@ -18,11 +18,11 @@ def lite0():
 
 
 def test_registry_has_the_promised_backbones():
-    names = {s.name for s in backbones.list_backbones()}
+    names = {s.name for s in registry.list_backbones()}
     assert {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2", "resnet50", "efficientnet_b0",
             "mobilenet_v3_large", "convnext_tiny", "densenet121"} <= names
     with pytest.raises(ValueError, match="unknown backbone 'nope'.*efficientnet_lite0"):
-        backbones.get_backbone("nope")
+        registry.get_backbone("nope")
 
 
 def test_export_is_verified_and_cached(lite0, monkeypatch):
@@ -61,9 +61,9 @@ def test_export_that_disagrees_with_torch_is_refused(monkeypatch, tmp_path):
 
 def test_torchvision_backbone_offline_fails_fast_with_a_fix(monkeypatch, tmp_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    spec = backbones.get_backbone("resnet50")
-    source = backbones.weights_source(spec)
-    with pytest.raises(backbones.WeightsUnavailableError, match="--weights"):
+    spec = registry.get_backbone("resnet50")
+    source = weights.weights_source(spec)
+    with pytest.raises(weights.WeightsUnavailableError, match="--weights"):
         source.load_state_dict()
 
 
@@ -72,8 +72,8 @@ def test_weights_file_must_be_a_plain_state_dict(tmp_path):
 
     bad = tmp_path / "evil.pth"
     bad.write_bytes(pickle.dumps({"x": print}))
-    source = backbones.weights_source(backbones.get_backbone("resnet50"), bad)
-    with pytest.raises(backbones.WeightsUnavailableError, match="weights_only"):
+    source = weights.weights_source(registry.get_backbone("resnet50"), bad)
+    with pytest.raises(weights.WeightsUnavailableError, match="weights_only"):
         source.load_state_dict()
 
 
@@ -82,8 +82,8 @@ def test_default_backbone_recognises_real_photos(lite0, name, expected):
     """Full ImageNet classifier = ORT features → the checkpoint's own final Linear layer."""
     import torch
 
-    spec = backbones.get_backbone("efficientnet_lite0")
-    classifier = backbones.build_torch_classifier(spec, backbones.weights_source(spec).load_state_dict())
+    spec = registry.get_backbone("efficientnet_lite0")
+    classifier = weights.build_torch_classifier(spec, weights.weights_source(spec).load_state_dict())
     buf = io.BytesIO()
     photo(name).save(buf, "PNG")
     pixels = decode_image(buf.getvalue(), lite0.preprocessing)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from shardformat.layout import errors_path
-from stage1_extract import export
+from stage1_extract.model import export
 from stage1_extract.model.registry import get_backbone
 from tests.helpers import make_image_tree
 

@@ -12,7 +12,8 @@ import pytest
 import shardformat
 from shardformat.layout import errors_path
 from shardformat import shard_name
-from stage1_extract import extract, lifecycle
+from stage1_extract import extract
+from stage1_extract.run import lifecycle
 from stage1_extract.model.registry import get_backbone
 from stage1_extract.decoding.image import decode_image
 from stage1_extract.runtime.inference import OverlappedInference
@@ -30,7 +31,7 @@ PREP = get_backbone("efficientnet_lite0").preprocessing
 
 
 def _tiny_session(tmp_path, batch_size=4):
-    from stage1_extract import export
+    from stage1_extract.model import export
 
     model = export.wrap_user_onnx(make_tiny_onnx(tmp_path / "tiny.onnx", input_size=32, channels=8))
     return FeatureSession(model.onnx_path, provider="cpu", batch_size=batch_size, input_size=32)
@@ -59,7 +60,7 @@ def test_nonfinite_rows_are_named_and_refused():
 
 
 def test_one_batch_size_default_for_every_engine():
-    from stage1_extract import ray_engine
+    from stage1_extract.engines import ray_driver as ray_engine
 
     assert lifecycle.default_batch_size(False) == 16 and lifecycle.default_batch_size(True) == 256
     # the Ray engine takes its defaults from the same function (its CPU default used to be 32)
@@ -68,7 +69,7 @@ def test_one_batch_size_default_for_every_engine():
 
 def test_a_failed_run_records_the_errors_found_so_far(tmp_path):
     """The lifecycle's failure path: an exception inside the run still leaves the errors table behind."""
-    from stage1_extract import export
+    from stage1_extract.model import export
 
     tree = make_image_tree(tmp_path / "img", per_class=1, size=64)
     (tree / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff nope")

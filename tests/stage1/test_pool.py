@@ -1,7 +1,7 @@
 """The decode pool: every image back exactly once with the right pixels at any batch size, and no hang and
 no innocent image blamed whatever happens to a worker (killed idle or busy, segfault, hang, SIGBUS).
 
-Faults are placed deterministically with ``STAGE1_FAULTS`` (see ``stage1_extract/fault_hooks.py``): a
+Faults are placed deterministically with ``STAGE1_FAULTS`` (see ``tests/support/faults.py``): a
 worker crashes or blocks on a chosen file, and the test acts at that point instead of racing the clock.
 """
 
@@ -21,6 +21,7 @@ from stage1_extract.decoding.image import decode_image
 from stage1_extract.decoding.pool import DecodePool, DecodePoolError
 from stage1_extract.model.preprocessing import Preprocessing
 from tests.helpers import make_image_tree
+from tests.support.faults import fault_env
 
 PREP = Preprocessing(32, 37)
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of the suite
@@ -39,8 +40,9 @@ def faults(monkeypatch, tmp_path):
     """Set the fault plan for workers started after this call; markers of ``block`` go to tmp_path."""
 
     def plan(*pairs: tuple[str, str]) -> Path:
-        monkeypatch.setenv("STAGE1_FAULTS", ";".join(f"{action}:{os.path.basename(p)}" for action, p in pairs))
-        monkeypatch.setenv("STAGE1_FAULTS_DIR", str(tmp_path))
+        plan = ";".join(f"{action}:{os.path.basename(p)}" for action, p in pairs)
+        for name, value in fault_env(plan, tmp_path).items():
+            monkeypatch.setenv(name, value)
         return tmp_path
 
     return plan

@@ -25,7 +25,7 @@ from PIL import Image
 
 import shardformat
 from stage1_extract import extract, get_backbone
-from stage1_extract.model.registry import build_feature_model, weights_source
+from stage1_extract.model.weights import build_feature_model, weights_source
 from stage1_extract.decoding.image import decode_image, reference_preprocess
 from tests.helpers import make_image_tree, photo
 

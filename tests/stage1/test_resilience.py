@@ -1,6 +1,6 @@
 """Whole runs under trouble: transient errors retried by the next run, crashes remembered, SIGTERM handled
 like Ctrl-C, a tiny /dev/shm, ``touch`` costing one hashing pass only, huge float images within the
-per-image memory budget. Faults are placed with ``STAGE1_FAULTS`` (``stage1_extract/fault_hooks.py``).
+per-image memory budget. Faults are placed with ``STAGE1_FAULTS`` (``tests/support/faults.py``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from stage1_extract import extract
 from stage1_extract.run.lock import OutputLock
 from shardformat import read_errors
 from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.faults import fault_env
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)  # a hang fails the test instead of the suite
@@ -53,7 +54,8 @@ def stored_paths(out) -> list[str]:
 
 def test_transient_errors_are_retried_next_run_and_file_errors_remembered(tree, tiny, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    monkeypatch.setenv("STAGE1_FAULTS", "eio:cat_001.jpg;oom:coffee_002.jpg;segv:space_003.jpg")
+    for name, value in fault_env("eio:cat_001.jpg;oom:coffee_002.jpg;segv:space_003.jpg").items():
+        monkeypatch.setenv(name, value)
     first = run(tree, out, tiny)
     errs = {e["path"]: e for e in read_errors(str(out))}
     assert set(errs) == {"cat/cat_001.jpg", "coffee/coffee_002.jpg", "space/space_003.jpg", "cat/truncated.jpg"}
@@ -105,7 +107,7 @@ def _lock_free(out: Path) -> bool:
 
 def test_sigterm_stops_like_ctrl_c(tree, tiny, tmp_path):
     out = tmp_path / "out"
-    env = {**os.environ, "STAGE1_FAULTS": "block:space_004.jpg", "STAGE1_FAULTS_DIR": str(tmp_path)}
+    env = {**os.environ, **fault_env("block:space_004.jpg", tmp_path)}
     args = _cli("--images", tree, "--out", out, "--onnx", tiny, "--input-size", 32, "--batch-size", 2,
                 "--shard-size", 2, "--workers", 2, "--no-progress")
     proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -214,7 +216,7 @@ def _whole_image_gray(img: Image.Image) -> np.ndarray:
 
 
 def test_banded_conversion_equals_the_whole_image_arithmetic(monkeypatch):
-    from stage1_extract import decode
+    from stage1_extract.decoding import image as decode
 
     monkeypatch.setattr(decode, "_BAND_PIXELS", 37)  # many bands, one not a whole number of rows
     rng = np.random.default_rng(0)
@@ -233,7 +235,7 @@ def test_banded_conversion_equals_the_whole_image_arithmetic(monkeypatch):
 
 
 def test_every_decoder_reads_through_read_image_with_the_size_limit(tree, monkeypatch):
-    from stage1_extract import decode
+    from stage1_extract.decoding import files as decode
     from stage1_extract.decoding.pool import _decode_one
     from stage1_extract.model.preprocessing import Preprocessing
     from stage1_extract.decoding.torch_decoder import TorchDecoder

@@ -2,8 +2,12 @@
 
 The fault tests need a decoder that segfaults on chosen files, a worker that blocks on a chosen file until
 killed, an out-of-memory or EIO error on a chosen file… at a chosen point rather than by racing the clock.
-``STAGE1_FAULTS`` (unset in normal use: then this costs one dictionary lookup per file) lists
-``ACTION:FILENAME`` pairs separated by ``;``, matched on the file's base name:
+
+How it reaches the decode workers: stage 1 calls the function that ``STAGE1_READ_HOOK`` names with each path
+before opening it (:mod:`stage1_extract.decoding.files`, looked up once per process). :func:`fault_env` gives
+the environment that installs :func:`inject` as that hook; decode workers, Ray workers and CLI subprocesses
+started afterwards inherit it (they import this module from the repository root, which is on their path).
+``STAGE1_FAULTS`` lists ``ACTION:FILENAME`` pairs separated by ``;``, matched on the file's base name:
 
 - ``segv``, ``bus``, ``kill``: the process dies of SIGSEGV (a real invalid read), SIGBUS or SIGKILL;
 - ``hang``: sleeps forever (for the watchdog);
@@ -22,7 +26,18 @@ import os
 import signal
 import time
 
+#: the value of STAGE1_READ_HOOK that installs :func:`inject`
+HOOK = "tests.support.faults:inject"
 _PLAN: tuple[str, dict[str, str]] = ("", {})
+
+
+def fault_env(plan: str, marker_dir=None) -> dict[str, str]:
+    """The environment variables for the fault ``plan`` (``"segv:a.jpg;eio:b.jpg"``); ``block`` markers go to
+    ``marker_dir``."""
+    env = {"STAGE1_READ_HOOK": HOOK, "STAGE1_FAULTS": plan}
+    if marker_dir is not None:
+        env["STAGE1_FAULTS_DIR"] = str(marker_dir)
+    return env
 
 
 def _plan() -> dict[str, str]:
