@@ -106,8 +106,8 @@ def bucket(tmp_path, monkeypatch):
     whose listings, like S3's, give paths relative to the bucket (``prefix/part-….parquet``), not local paths."""
     import pyarrow.fs as pafs
 
+    import shardformat.errors
     import shardformat.io
-    import stage1_extract.run.writer
 
     root = tmp_path / "bucket"
     root.mkdir()
@@ -119,7 +119,7 @@ def bucket(tmp_path, monkeypatch):
             return pafs.SubTreeFileSystem(str(root), pafs.LocalFileSystem()), text[len("mem://"):].rstrip("/")
         return real(location)
 
-    for module in (shardformat.io, shardformat, stage1_extract.run.writer):
+    for module in (shardformat.io, shardformat, shardformat.errors):  # the errors table: shardformat.errors
         monkeypatch.setattr(module, "resolve", resolve)
     return root
 

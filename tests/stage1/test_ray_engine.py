@@ -21,7 +21,8 @@ from stage1_extract import StrictModeError, extract
 from tests.helpers import make_image_tree, make_tiny_onnx
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install hybrid-transfer[ray]")
-from stage1_extract.engines.ray_driver import RayUnavailableError, _ray_error, extract_ray, import_ray  # noqa: E402
+from stage1_extract import extract_ray  # noqa: E402
+from stage1_extract.engines.ray_driver import RayUnavailableError, _ray_error, import_ray  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(300),
               pytest.mark.filterwarnings("ignore::DeprecationWarning")]  # Ray Data's own, on its context
