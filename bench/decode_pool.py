@@ -14,7 +14,7 @@ first): this tree's pool at batch 16 (the baseline) and 256, and — when ``--co
     python bench/decode_pool.py                          # 2 scenarios × 300 images, 2 workers, 3 rounds
 
 Two scenarios: ``photos`` (real decoding of large photographs) and ``fixed`` (every image costs a fixed
-``--fixed-ms`` of sleep through the test fault hook, on top of decoding a small photo). The second measures
+``--fixed-ms`` of sleep through the test fault hook, ``tests/support/faults.py``, on top of decoding a small photo). The second measures
 the pool's scheduling alone: on a shared, loaded machine an idle worker's core is taken by other processes,
 so real decoding hides the idle time the fixed cost shows.
 """
@@ -34,6 +34,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BEFORE = "7926108"  # the last commit with the batch-per-task pool (issue 16)
+#: modules an old pool imports, and where they live now (the flat layout of before issue 23)
+OLD_MODULES = {"decode_worker": "decoding.worker", "preprocessing": "model.preprocessing", "shm": "decoding.shm"}
+#: names of the old ``decode`` module that ``decoding.files`` holds now (the rest: ``decoding.image``)
+FILE_NAMES = {"DecodeError", "FileResult", "MAX_FILE_BYTES", "TRANSIENT_ERRNOS", "content_id", "read_ahead", "read_file",
+              "read_image"}
+
+
+def _new_layout(source: str) -> str:
+    """An old pool's source with its stage-1 imports pointed at today's modules."""
+    import re
+
+    for old, new in OLD_MODULES.items():
+        source = source.replace(f"from stage1_extract.{old} import", f"from stage1_extract.{new} import")
+
+    def split(found) -> str:
+        indent, names = found[1], [n.strip() for n in found[2].split(",")]
+        files, image = [n for n in names if n in FILE_NAMES], [n for n in names if n not in FILE_NAMES]
+        lines = [f"{indent}from stage1_extract.decoding.files import {', '.join(files)}"] if files else []
+        return "\n".join(lines + ([f"{indent}from stage1_extract.decoding.image import {', '.join(image)}"]
+                                   if image else []))
+
+    return re.sub(r"^(\s*)from stage1_extract\.decode import (.+)$", split, source, flags=re.MULTILINE)
 
 
 def _list(images: Path, n: int) -> list[Path]:
@@ -53,6 +75,7 @@ def run_one(cfg: dict) -> dict:
         # Spawned workers import the old module by name: write it where they can import it.
         source = subprocess.run(["git", "show", f"{cfg['pool']}:stage1_extract/loader.py"], cwd=REPO, check=True,
                                 capture_output=True, text=True).stdout
+        source = _new_layout(source)
         shim = Path(cfg["tmp"]) / "pool_before"
         shim.mkdir(exist_ok=True)
         # its reader predates read_image: give it the same fault hook (the fixed decode cost of --fixed-ms)

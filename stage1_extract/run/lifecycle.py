@@ -1,6 +1,7 @@
 """One stage-1 run from start to end, shared by every engine (local processes, Ray).
 
-An engine only moves pixels: it opens a run with :func:`open_run`, feeds it what happened to each image
+The runner (:mod:`stage1_extract.engines.runner`) opens a run with :func:`open_run`; the engine only moves
+pixels: it feeds the run what happened to each image
 (:meth:`Run.add_error`, timings, the loop's totals) and leaves the rest here, so the start (output lock,
 compatibility check, incremental plan), the end (errors table, strict check, compaction, ``OUT.meta/run.json``),
 the errors table after a failure, the non-finite check, shard naming and the batch-size default exist once.
