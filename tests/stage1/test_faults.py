@@ -491,7 +491,7 @@ def test_permission_error_while_writing_a_shard(small_tree, tmp_path, monkeypatc
 @pytest.mark.faults
 def test_read_only_output_directory_for_real(small_tree, tmp_path):
     """Permissions enforced by the kernel (as root: a child without CAP_DAC_OVERRIDE), not by a patch."""
-    from tests.test_bad_inputs import python_obeying_file_modes
+    from tests.stage1.test_bad_inputs import python_obeying_file_modes
 
     python = python_obeying_file_modes()
     if python is None:
