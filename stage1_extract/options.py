@@ -34,7 +34,7 @@ def parse_triple(text: str) -> tuple[float, float, float]:
 
 def parse_group_regex(text: str) -> str:
     """``--group-regex``: refused at parse time when it is not a regex with exactly one capture group."""
-    from stage1_extract.inputs.listing import compile_group_regex
+    from stage1_extract.inputs.groups import compile_group_regex
 
     try:
         compile_group_regex(text)

@@ -33,7 +33,7 @@ from stage1_extract.decoding.dicom import (
     read_head,
     split_frame_ref,
 )
-from stage1_extract.inputs.listing import IMAGE_EXTENSIONS, Listing
+from stage1_extract.inputs.records import IMAGE_EXTENSIONS, Listing
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Listing the input: a class-folder tree, a flat folder, or a CSV/Parquet file list.
+"""Listing the input: a class-folder tree, a flat folder, or a CSV/Parquet file list (:mod:`.file_list`).
 
 Produces one :class:`ImageRecord` per candidate file, sorted by path, plus the problems found while
 listing (broken links, undecodable names, files that are not images) so they reach the errors table.
@@ -6,42 +6,14 @@ listing (broken links, undecodable names, files that are not images) so they rea
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import os
-import re
 from pathlib import Path
 
 from stage1_extract.decoding.dicom import is_dicom_file
-from stage1_extract.decoding.files import split_frame_ref
-from stage1_extract.errors import Stage1Error
-
-IMAGE_EXTENSIONS = {
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".ico", ".tga", ".dib", ".jp2", ".j2k", ".avif", ".qoi", ".apng",
-    ".dcm", ".dicom", ".dic",  # DICOM; extension-less and UID-named DICOM files are recognised by content
-}  # the fast path; any other file is kept when PIL recognises its content (see _is_image_content)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageRecord:
-    path: str  # relative to the input root, POSIX separators: the key in every shard
-    abspath: str
-    label: str | None
-    group: str | None = None  # e.g. a patient id: stage 2 never splits a group across train/val/test
-
-
-@dataclasses.dataclass
-class Listing:
-    root: str
-    layout: str  # "class-folders", "flat" or "file-list"
-    records: list[ImageRecord]
-    problems: list[tuple[str, str]]  # (path, reason)
-    empty_classes: list[str]
-    ignored: int = 0  # hidden files
-    ungrouped: int = 0  # paths that --group-regex did not match (they get no group)
-    hidden_folders: list[str] = dataclasses.field(default_factory=list)  # top-level ".name/" folders, not classes
-
+from stage1_extract.inputs.file_list import list_file
+from stage1_extract.inputs.groups import apply_group_regex, compile_group_regex
+from stage1_extract.inputs.records import IMAGE_EXTENSIONS, ImageRecord, Listing, NoImagesError  # noqa: F401
 
 def _printable(name: str) -> str | None:
     """A file name as valid UTF-8, or None when the OS name cannot be represented (bad bytes)."""
@@ -172,33 +144,6 @@ def _split_images(files, problems) -> list[tuple[str, str]]:
     return kept
 
 
-def compile_group_regex(pattern: str | None) -> re.Pattern | None:
-    """``--group-regex``: a regular expression with exactly one capture group, searched in each relative path."""
-    if pattern is None:
-        return None
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
-    if regex.groups != 1:
-        raise ValueError(f"--group-regex {pattern!r} needs exactly one capture group (found {regex.groups}), "
-                         r"e.g. '(patient\d+)_' to group 'cat/patient07_scan2.png' as 'patient07'")
-    return regex
-
-
-def _apply_group_regex(listing: "Listing", regex: re.Pattern | None) -> "Listing":
-    if regex is None:
-        return listing
-    records = []
-    for r in listing.records:
-        found = regex.search(r.path)
-        group = found.group(1) if found and found.group(1) else None
-        listing.ungrouped += group is None
-        records.append(dataclasses.replace(r, group=group))
-    listing.records = records
-    return listing
-
-
 def list_images(images: str | os.PathLike, *, group_regex: str | None = None) -> Listing:
     """List the input. A folder with sub-folders is a class-folder tree (folder name = label).
 
@@ -208,10 +153,10 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
     regex = compile_group_regex(group_regex)
     root = Path(images).expanduser()
     if root.is_file():
-        listing = _list_file(root)
+        listing = list_file(root)
         if regex is not None and any(r.group is not None for r in listing.records):
             raise ValueError(f"--images {root}: the file list has a 'group' column; drop --group-regex or the column")
-        return _apply_group_regex(listing, regex)
+        return apply_group_regex(listing, regex)
     if not root.is_dir():
         raise FileNotFoundError(f"--images {root}: no such file or folder")
     root = root.resolve()
@@ -251,12 +196,8 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
     records.sort(key=lambda r: r.path)
     if not records:
         raise NoImagesError(_nothing_found(root, problems, hidden))
-    return _apply_group_regex(Listing(str(root), layout, records, problems, empty, hidden_folders=hidden),
+    return apply_group_regex(Listing(str(root), layout, records, problems, empty, hidden_folders=hidden),
                               regex)
-
-
-class NoImagesError(Stage1Error, ValueError):
-    """The input holds no image at all: a wrong --images, most likely; nothing is written."""
 
 
 def _nothing_found(root: Path, problems: list[tuple[str, str]], hidden: list[str]) -> str:
@@ -267,53 +208,3 @@ def _nothing_found(root: Path, problems: list[tuple[str, str]], hidden: list[str
     if hidden:
         text += f"; hidden folders are not read ({', '.join(hidden[:3])})"
     return text + ". Point --images at a folder of images, or at the folder holding one sub-folder per class."
-
-
-def _list_file(path: Path) -> Listing:
-    import pyarrow.csv as pacsv
-    import pyarrow.parquet as pq
-
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            table = pq.read_table(path)
-        elif suffix in (".csv", ".tsv", ".txt"):
-            opts = pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ",", newlines_in_values=True)
-            conv = pacsv.ConvertOptions(column_types={"path": "string", "label": "string", "group": "string"})
-            table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
-        else:
-            raise ValueError(f"--images {path}: a file list must be .csv, .tsv or .parquet")
-    except (OSError, ValueError) as exc:
-        if isinstance(exc, ValueError) and str(exc).startswith("--images"):
-            raise
-        raise ValueError(f"--images {path}: cannot read the file list: {exc}") from None
-    if "path" not in table.column_names:
-        raise ValueError(f"--images {path}: the file list needs a 'path' column (found {table.column_names})")
-    paths = table.column("path").to_pylist()
-    labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
-    groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(paths)
-    base = path.parent.resolve()
-    records, problems, seen_paths = [], [], set()
-    for p, label, group in zip(paths, labels, groups):
-        if p is None or p == "":
-            problems.append(("(empty)", "file list row with an empty path"))
-            continue
-        if p in seen_paths:
-            problems.append((p, "listed more than once; kept the first"))
-            continue
-        seen_paths.add(p)
-        abspath = p if os.path.isabs(p) else str(base / p)
-        file = split_frame_ref(abspath)[0]  # a row may name one frame of a multi-frame DICOM: scan.dcm#frame=3
-        if os.path.isdir(file):
-            problems.append((p, "is a directory"))
-            continue
-        if not os.path.exists(file):
-            problems.append((p, "listed file does not exist" if not os.path.islink(file) else "broken symbolic link"))
-            continue
-        if not os.path.isfile(file):  # a FIFO or device: reading it could block or never end
-            problems.append((p, "not a regular file"))
-            continue
-        records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label),
-                                   None if group is None or group == "" else str(group)))
-    records.sort(key=lambda r: r.path)
-    return Listing(str(base), "file-list", records, problems, [])

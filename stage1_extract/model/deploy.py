@@ -105,7 +105,8 @@ def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | Non
     """
     from stage1_extract.decoding.files import DecodeError, read_file
     from stage1_extract.decoding.image import decode_image
-    from stage1_extract.inputs.listing import IMAGE_EXTENSIONS, list_images
+    from stage1_extract.inputs.listing import list_images
+    from stage1_extract.inputs.records import IMAGE_EXTENSIONS
 
     prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
     if isinstance(images, (list, tuple)):

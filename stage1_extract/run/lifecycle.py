@@ -261,7 +261,8 @@ def list_inputs(images, out: str | os.PathLike, *, group_regex: str | None = Non
     every engine calls this before exporting the model, so a wrong ``--images``/``--out`` fails in a second.
     Returns ``(out, listing)`` with ``out`` normalised."""
     from stage1_extract.inputs.dicom_records import prepare_dicom_records
-    from stage1_extract.inputs.listing import compile_group_regex, list_images
+    from stage1_extract.inputs.groups import compile_group_regex
+    from stage1_extract.inputs.listing import list_images
 
     compile_group_regex(group_regex)  # a bad pattern fails now, not after the model export
     require_folder(out)

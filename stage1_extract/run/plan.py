@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from stage1_extract.decoding.files import content_id, split_frame_ref
-from stage1_extract.inputs.listing import ImageRecord
+from stage1_extract.inputs.records import ImageRecord
 
 
 @dataclasses.dataclass

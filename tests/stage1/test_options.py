@@ -51,7 +51,7 @@ def test_every_error_stage1_raises_on_purpose_derives_from_stage1error():
     from stage1_extract.decoding.pool import DecodePoolError
     from stage1_extract.decoding.shm import SharedMemoryTooSmallError
     from stage1_extract.engines.ray_driver import RayUnavailableError
-    from stage1_extract.inputs.listing import NoImagesError
+    from stage1_extract.inputs.records import NoImagesError
     from stage1_extract.model.export import ExportVerificationError
     from stage1_extract.model.onnx_graph import OnnxModelError
     from stage1_extract.run.lock import OutputLockedError
