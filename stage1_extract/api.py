@@ -8,6 +8,7 @@ default exists once; ``tests/stage1/test_options.py`` keeps the two equal. The w
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import TYPE_CHECKING
 
@@ -73,8 +74,8 @@ def extract(
     salt: see :mod:`stage1_extract.inputs.dicom_records`). ``dicom_frames="all"``: one row per frame of a
     multi-frame DICOM (path ``scan.dcm#frame=3``, 1-based) instead of its first frame only.
     """
-    options = {name: value for name, value in locals().items() if name not in ("images", "out")}
-    return run_extraction(images, out, O(**options))
+    given = locals()  # the arguments, nothing else yet
+    return run_extraction(images, out, O(**{f.name: given[f.name] for f in dataclasses.fields(O)}))
 
 
 def extract_ray(images: str | os.PathLike, out: str | os.PathLike, *, ray_address: str | None = None,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 
+from stage1_extract.errors import OptionError
+
 log = logging.getLogger(__name__)
 
 #: decode → (decoder, device). torch-cpu / nvimgcodec-cpu: a GPU decoder's code on the CPU, for checking it.
@@ -19,7 +21,7 @@ DECODERS = {"cpu": ("pool", None), "gpu": ("gpu", "cuda"), "torch-cpu": ("torch"
 def check_decode(decode: str) -> None:
     """Refuse an unknown ``decode`` before any work is done."""
     if decode not in DECODERS:
-        raise ValueError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
+        raise OptionError(f"decode must be one of {sorted(DECODERS)}, not {decode!r}")
 
 
 def make_decoder(decode: str, prep, batch_size: int, workers: int, draft: bool):

@@ -22,7 +22,7 @@ import os
 import re
 import stat
 
-from stage1_extract.errors import Stage1Error
+from stage1_extract.errors import OptionError, Stage1Error
 
 MAX_FILE_BYTES = 512 * 1024 * 1024
 
@@ -47,7 +47,7 @@ def read_hook():
         if spec:
             module, _, name = spec.partition(":")
             if not name:
-                raise ValueError(f"{READ_HOOK_ENV}={spec!r}: give package.module:function")
+                raise OptionError(f"{READ_HOOK_ENV}={spec!r}: give package.module:function")
             found = getattr(importlib.import_module(module), name)
         _hook.append(found)
     return _hook[0]

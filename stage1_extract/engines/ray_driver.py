@@ -29,7 +29,8 @@ import time
 import pyarrow as pa
 
 from stage1_extract.engines.ray_tasks import ITEMS_SCHEMA, InferenceActor, decode_block, write_block
-from stage1_extract.errors import Stage1Error
+from stage1_extract import errors as stage1_errors
+from stage1_extract.errors import NonFiniteFeaturesError, OptionError, Stage1Error
 from stage1_extract.options import ExtractOptions
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,9 @@ def _ray_error(exc: BaseException) -> BaseException:
                        flags=re.MULTILINE)
     if found:
         name, message = found[-1]
-        cls = getattr(builtins, name.rsplit(".", 1)[-1], None)
+        short = name.rsplit(".", 1)[-1]
+        # stage 1's generic errors (OptionError: a ValueError…) come back as themselves, like the built-in ones
+        cls = getattr(builtins, short, None) or getattr(stage1_errors, short, None)
         if isinstance(cls, type) and issubclass(cls, Exception):
             try:
                 return cls(message)
@@ -158,7 +161,7 @@ class RayEngine:
 
     def __init__(self, options: ExtractOptions) -> None:
         if options.decode != "cpu":
-            raise ValueError(f"--engine ray decodes with PIL in CPU tasks; --decode {options.decode} is for the "
+            raise OptionError(f"--engine ray decodes with PIL in CPU tasks; --decode {options.decode} is for the "
                              "local engine")
         self.options = options
         self.ray = import_ray()
@@ -248,7 +251,7 @@ class RayEngine:
             raise _ray_error(exc) from exc
         if fatal:
             kind, message = fatal
-            raise (ShardWriteError if kind == "write" else FloatingPointError)(message)
+            raise (ShardWriteError if kind == "write" else NonFiniteFeaturesError)(message)
         run.loop_done(seconds=time.perf_counter() - t_loop,
                       extracted=len({p for paths in reported.values() for p in paths}), shards=len(reported))
         return reported

@@ -16,6 +16,7 @@ import time
 from stage1_extract.model.export import prepare_model
 from stage1_extract.options import ENGINES, ExtractOptions
 from stage1_extract.run.lifecycle import ExtractSummary, list_inputs, open_run
+from stage1_extract.errors import OptionError
 
 
 def make_engine(options: ExtractOptions):
@@ -28,7 +29,7 @@ def make_engine(options: ExtractOptions):
         from stage1_extract.engines.ray_driver import RayEngine
 
         return RayEngine(options)
-    raise ValueError(f"engine must be {' or '.join(map(repr, ENGINES))}, not {options.engine!r}")
+    raise OptionError(f"engine must be {' or '.join(map(repr, ENGINES))}, not {options.engine!r}")
 
 
 def run_extraction(images: str | os.PathLike, out: str | os.PathLike, options: ExtractOptions) -> ExtractSummary:

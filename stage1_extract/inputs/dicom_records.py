@@ -34,6 +34,7 @@ from stage1_extract.decoding.dicom import (
     split_frame_ref,
 )
 from stage1_extract.inputs.records import IMAGE_EXTENSIONS, Listing
+from stage1_extract.errors import InputError, OptionError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ def group_salt(salt: str | None = None) -> bytes:
     salt = salt if salt is not None else os.environ.get(SALT_ENV)
     if salt is not None:
         if len(salt.strip()) < MIN_SALT_CHARS:
-            raise ValueError(f"{source} is {len(salt.strip())} characters; use at least {MIN_SALT_CHARS} random "
+            raise OptionError(f"{source} is {len(salt.strip())} characters; use at least {MIN_SALT_CHARS} random "
                              "ones (e.g. python -c 'import secrets; print(secrets.token_hex(32))') so that "
                              "short patient IDs cannot be guessed from their groups")
         return salt.strip().encode("utf-8")
@@ -82,7 +83,7 @@ def group_salt(salt: str | None = None) -> bytes:
         raise OSError(f"cannot create or read the group salt {path}: {exc.strerror or exc}; set {SALT_ENV} "
                       "to a long random secret instead") from None
     if len(value) < MIN_SALT_CHARS:
-        raise ValueError(f"the group salt in {path} is empty or too short; delete the file to make a new one "
+        raise InputError(f"the group salt in {path} is empty or too short; delete the file to make a new one "
                          "(groups then change: re-extract) or put the secret your other shards used in it")
     return value.encode("utf-8")
 
@@ -125,9 +126,9 @@ def prepare_dicom_records(listing: Listing, *, frames: str = "first", group_by: 
     """The listing with each DICOM record's ``group`` set (when it has none yet: a file list's column and
     ``--group-regex`` win) and, with ``frames="all"``, one record per frame (``scan.dcm#frame=3``)."""
     if frames not in FRAMES:
-        raise ValueError(f"dicom frames must be one of {FRAMES}, not {frames!r}")
+        raise OptionError(f"dicom frames must be one of {FRAMES}, not {frames!r}")
     if group_by not in GROUP_BY:
-        raise ValueError(f"dicom group must be one of {sorted(GROUP_BY)}, not {group_by!r}")
+        raise OptionError(f"dicom group must be one of {sorted(GROUP_BY)}, not {group_by!r}")
     if group_by == "none" and frames == "first":
         return listing
     files = {r.path: split_frame_ref(r.abspath) for r in listing.records}  # a file list may name single frames

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from stage1_extract.decoding.files import split_frame_ref
 from stage1_extract.inputs.records import ImageRecord, Listing
+from stage1_extract.errors import InputError
 
 
 def list_file(path: Path) -> Listing:
@@ -24,13 +25,13 @@ def list_file(path: Path) -> Listing:
             conv = pacsv.ConvertOptions(column_types={"path": "string", "label": "string", "group": "string"})
             table = pacsv.read_csv(path, parse_options=opts, convert_options=conv)
         else:
-            raise ValueError(f"--images {path}: a file list must be .csv, .tsv or .parquet")
+            raise InputError(f"--images {path}: a file list must be .csv, .tsv or .parquet")
     except (OSError, ValueError) as exc:
         if isinstance(exc, ValueError) and str(exc).startswith("--images"):
             raise
-        raise ValueError(f"--images {path}: cannot read the file list: {exc}") from None
+        raise InputError(f"--images {path}: cannot read the file list: {exc}") from None
     if "path" not in table.column_names:
-        raise ValueError(f"--images {path}: the file list needs a 'path' column (found {table.column_names})")
+        raise InputError(f"--images {path}: the file list needs a 'path' column (found {table.column_names})")
     paths = table.column("path").to_pylist()
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
     groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(paths)

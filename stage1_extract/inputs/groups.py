@@ -7,6 +7,7 @@ import dataclasses
 import re
 
 from stage1_extract.inputs.records import Listing
+from stage1_extract.errors import OptionError
 
 
 def compile_group_regex(pattern: str | None) -> re.Pattern | None:
@@ -16,9 +17,9 @@ def compile_group_regex(pattern: str | None) -> re.Pattern | None:
     try:
         regex = re.compile(pattern)
     except re.error as exc:
-        raise ValueError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
+        raise OptionError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
     if regex.groups != 1:
-        raise ValueError(f"--group-regex {pattern!r} needs exactly one capture group (found {regex.groups}), "
+        raise OptionError(f"--group-regex {pattern!r} needs exactly one capture group (found {regex.groups}), "
                          r"e.g. '(patient\d+)_' to group 'cat/patient07_scan2.png' as 'patient07'")
     return regex
 

@@ -14,6 +14,7 @@ from stage1_extract.decoding.dicom import is_dicom_file
 from stage1_extract.inputs.file_list import list_file
 from stage1_extract.inputs.groups import apply_group_regex, compile_group_regex
 from stage1_extract.inputs.records import IMAGE_EXTENSIONS, ImageRecord, Listing, NoImagesError  # noqa: F401
+from stage1_extract.errors import InputNotFoundError, OptionError
 
 def _printable(name: str) -> str | None:
     """A file name as valid UTF-8, or None when the OS name cannot be represented (bad bytes)."""
@@ -155,10 +156,10 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
     if root.is_file():
         listing = list_file(root)
         if regex is not None and any(r.group is not None for r in listing.records):
-            raise ValueError(f"--images {root}: the file list has a 'group' column; drop --group-regex or the column")
+            raise OptionError(f"--images {root}: the file list has a 'group' column; drop --group-regex or the column")
         return apply_group_regex(listing, regex)
     if not root.is_dir():
-        raise FileNotFoundError(f"--images {root}: no such file or folder")
+        raise InputNotFoundError(f"--images {root}: no such file or folder")
     root = root.resolve()
     problems: list[tuple[str, str]] = []
     seen: dict = {}

@@ -19,6 +19,7 @@ import numpy as np
 from shardformat import IncompatibleShardsError, ShardMetadata
 from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model
 from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.errors import InputNotFoundError, OptionError
 
 
 def _as_metadata(metadata: ShardMetadata | str | dict) -> ShardMetadata:
@@ -67,10 +68,10 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
     prep = Preprocessing.from_dict(meta.preprocessing)
     if meta.backbone.startswith("onnx:"):
         if precision != meta.precision:
-            raise ValueError(f"the vectors were made by a user ONNX model ({meta.backbone}, {meta.precision}); "
+            raise OptionError(f"the vectors were made by a user ONNX model ({meta.backbone}, {meta.precision}); "
                              f"stage 1 cannot convert it to {precision}: export it in that precision yourself")
         if onnx is None:
-            raise FileNotFoundError(
+            raise InputNotFoundError(
                 f"the vectors were made by a user ONNX model ({meta.backbone}) whose wrapped export is no longer "
                 f"in {cache_dir()}; pass the same ONNX file (onnx=... / --onnx FILE)")
         model = prepare_model(onnx=onnx, input_size=prep.input_size, resize=prep.resize,

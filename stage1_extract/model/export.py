@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from shardformat import atomic_write_bytes
-from stage1_extract.errors import Stage1Error
+from stage1_extract.errors import InputError, InputNotFoundError, OptionError, Stage1Error
 from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME, add_preprocessing_and_pooling
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.model.registry import BackboneSpec, get_backbone
@@ -137,7 +137,7 @@ def export_backbone(
 
     spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
     if precision not in TOLERANCE:
-        raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
+        raise OptionError(f"precision must be fp32 or fp16, not {precision!r}")
     source = weights_source(spec, weights)
     prep = spec.preprocessing
     key_fields = {"backbone": spec.name, "weights": source.weights_id, "opset": OPSET, "precision": precision,
@@ -183,15 +183,15 @@ def wrap_user_onnx(
 
     src = Path(path).expanduser()
     if not src.is_file():
-        raise FileNotFoundError(f"--onnx {src}: no such file")
+        raise InputNotFoundError(f"--onnx {src}: no such file")
     try:
         model = onnx.load(str(src))
     except Exception as exc:
-        raise ValueError(f"--onnx {src}: not a readable ONNX model ({exc})") from None
+        raise InputError(f"--onnx {src}: not a readable ONNX model ({exc})") from None
     _, elem, dims = describe_input(model)
     if input_size is None:
         if not isinstance(dims[2], int) or dims[2] <= 0:
-            raise ValueError(f"--onnx {src}: the model's input size is dynamic; pass --input-size")
+            raise InputError(f"--onnx {src}: the model's input size is dynamic; pass --input-size")
         input_size = dims[2]
     prep = Preprocessing.from_fractions(input_size, resize or round(input_size / 0.875), interpolation, mean, std)
     user_sha = file_sha256(src)
@@ -205,7 +205,7 @@ def wrap_user_onnx(
         try:
             dim = int(_ort_features(wrapped, probe, providers).shape[1])
         except Exception as exc:
-            raise ValueError(f"--onnx {src}: ONNX Runtime cannot run the model: {exc}") from None
+            raise InputError(f"--onnx {src}: ONNX Runtime cannot run the model: {exc}") from None
         atomic_write_bytes(onnx_path, wrapped)
         info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(), "feature_dim": dim}
         atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from stage1_extract.errors import OptionError
+
 
 @dataclasses.dataclass(frozen=True)
 class Preprocessing:
@@ -22,9 +24,9 @@ class Preprocessing:
 
     def __post_init__(self) -> None:
         if self.interpolation not in ("bilinear", "bicubic", "nearest", "lanczos"):
-            raise ValueError(f"unknown interpolation {self.interpolation!r}")
+            raise OptionError(f"unknown interpolation {self.interpolation!r}")
         if self.resize < self.input_size:
-            raise ValueError(f"resize ({self.resize}) must be at least input_size ({self.input_size})")
+            raise OptionError(f"resize ({self.resize}) must be at least input_size ({self.input_size})")
 
     @classmethod
     def from_fractions(cls, input_size: int, resize: int, interpolation: str, mean, std) -> "Preprocessing":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.errors import OptionError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,6 @@ def get_backbone(name: str) -> BackboneSpec:
     try:
         return REGISTRY[name]
     except KeyError:
-        raise ValueError(
+        raise OptionError(
             f"unknown backbone {name!r}; choose one of {', '.join(REGISTRY)} or pass --onnx MODEL.onnx"
         ) from None

@@ -28,7 +28,7 @@ from stage1_extract.run.plan import compact, make_plan, nonfinite_rows
 from stage1_extract.run.signals import sigterm_as_interrupt
 from shardformat import read_errors, write_errors
 from stage1_extract.run.writer import write_json
-from stage1_extract.errors import Stage1Error
+from stage1_extract.errors import NonFiniteFeaturesError, Stage1Error
 
 log = logging.getLogger(__name__)
 SUMMARY_FILE = "run.json"  # in OUT.meta/, beside the errors table
@@ -140,7 +140,7 @@ def check_finite(features: np.ndarray, paths: list[str]) -> None:
     """Raise :class:`FloatingPointError` when a feature row is NaN or infinite (a broken model, not an image)."""
     message = nonfinite_message(features, paths)
     if message:
-        raise FloatingPointError(message)
+        raise NonFiniteFeaturesError(message)
 
 
 def normalise_out(out: str | os.PathLike) -> str:

@@ -20,7 +20,7 @@ import numpy as np
 
 from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME
 from stage1_extract.options import PROVIDERS
-from stage1_extract.errors import Stage1Error
+from stage1_extract.errors import OptionError, Stage1Error
 
 log = logging.getLogger(__name__)
 _ORT_NAME = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
@@ -55,7 +55,7 @@ class CudaOptions:
 
     def __post_init__(self) -> None:
         if self.conv_algo_search not in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
-            raise ValueError(f"conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {self.conv_algo_search!r}")
+            raise OptionError(f"conv_algo_search must be EXHAUSTIVE, HEURISTIC or DEFAULT, not {self.conv_algo_search!r}")
 
     def provider_options(self, device_id: int = 0) -> dict[str, str]:
         """The option strings ONNX Runtime's CUDAExecutionProvider takes."""
@@ -167,7 +167,7 @@ class FeatureSession:
         for fp16 models, so an fp32 model's features keep fp32 accuracy. ``trt_cache``: TensorRT engine
         folder (default :func:`trt_engine_dir`)."""
         if provider not in PROVIDERS:
-            raise ValueError(f"provider must be one of {PROVIDERS}, not {provider!r}")
+            raise OptionError(f"provider must be one of {PROVIDERS}, not {provider!r}")
         ort = _import_ort()
         self._ort = ort
         self.batch_size = batch_size

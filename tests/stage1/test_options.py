@@ -51,6 +51,7 @@ def test_every_error_stage1_raises_on_purpose_derives_from_stage1error():
     from stage1_extract.decoding.pool import DecodePoolError
     from stage1_extract.decoding.shm import SharedMemoryTooSmallError
     from stage1_extract.engines.ray_driver import RayUnavailableError
+    from stage1_extract.errors import InputError, InputNotFoundError, NonFiniteFeaturesError, OptionError
     from stage1_extract.inputs.records import NoImagesError
     from stage1_extract.model.export import ExportVerificationError
     from stage1_extract.model.onnx_graph import OnnxModelError
@@ -63,7 +64,8 @@ def test_every_error_stage1_raises_on_purpose_derives_from_stage1error():
             OutputLockedError: RuntimeError, DecodePoolError: RuntimeError, ExportVerificationError: RuntimeError,
             ProviderUnavailableError: RuntimeError, RayUnavailableError: RuntimeError,
             SharedMemoryTooSmallError: RuntimeError, GpuDecodeUnavailableError: RuntimeError,
-            DecodeError: Exception, DicomError: DecodeError}
+            DecodeError: Exception, DicomError: DecodeError, OptionError: ValueError, InputError: ValueError,
+            InputNotFoundError: FileNotFoundError, NonFiniteFeaturesError: FloatingPointError}
     for cls, base in kept.items():
         assert issubclass(cls, Stage1Error) and issubclass(cls, base), cls
 
@@ -87,3 +89,12 @@ def test_importing_the_package_loads_neither_numpy_nor_onnxruntime():
     code = "import sys, stage1_extract, stage1_extract.cli; print('numpy' in sys.modules, 'onnxruntime' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_a_wrong_option_is_an_option_error_and_still_a_value_error(tmp_path):
+    from stage1_extract.errors import OptionError
+
+    with pytest.raises(OptionError, match="engine must be 'local' or 'ray', not 'spark'"):
+        extract(tmp_path, tmp_path / "out", engine="spark")
+    with pytest.raises(ValueError, match="decode must be one of"):
+        extract(tmp_path, tmp_path / "out", decode="fpga")
