@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     import torch
 
     from stage1_extract import extract, get_backbone
-    from stage1_extract.backbones import build_torch_classifier, weights_source
+    from stage1_extract.model.weights import build_torch_classifier, weights_source
     from stage2_classify.options import TrainOptions
     from stage2_classify.training.fit import evaluate_splits, fit_head, make_split
 

@@ -14,7 +14,7 @@ first): this tree's pool at batch 16 (the baseline) and 256, and — when ``--co
     python bench/decode_pool.py                          # 2 scenarios × 300 images, 2 workers, 3 rounds
 
 Two scenarios: ``photos`` (real decoding of large photographs) and ``fixed`` (every image costs a fixed
-``--fixed-ms`` of sleep through the test fault hook, on top of decoding a small photo). The second measures
+``--fixed-ms`` of sleep through the test fault hook, ``tests/support/faults.py``, on top of decoding a small photo). The second measures
 the pool's scheduling alone: on a shared, loaded machine an idle worker's core is taken by other processes,
 so real decoding hides the idle time the fixed cost shows.
 """
@@ -34,6 +34,28 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 BEFORE = "7926108"  # the last commit with the batch-per-task pool (issue 16)
+#: modules an old pool imports, and where they live now (the flat layout of before issue 23)
+OLD_MODULES = {"decode_worker": "decoding.worker", "preprocessing": "model.preprocessing", "shm": "decoding.shm"}
+#: names of the old ``decode`` module that ``decoding.files`` holds now (the rest: ``decoding.image``)
+FILE_NAMES = {"DecodeError", "FileResult", "MAX_FILE_BYTES", "TRANSIENT_ERRNOS", "content_id", "read_ahead", "read_file",
+              "read_image"}
+
+
+def _new_layout(source: str) -> str:
+    """An old pool's source with its stage-1 imports pointed at today's modules."""
+    import re
+
+    for old, new in OLD_MODULES.items():
+        source = source.replace(f"from stage1_extract.{old} import", f"from stage1_extract.{new} import")
+
+    def split(found) -> str:
+        indent, names = found[1], [n.strip() for n in found[2].split(",")]
+        files, image = [n for n in names if n in FILE_NAMES], [n for n in names if n not in FILE_NAMES]
+        lines = [f"{indent}from stage1_extract.decoding.files import {', '.join(files)}"] if files else []
+        return "\n".join(lines + ([f"{indent}from stage1_extract.decoding.image import {', '.join(image)}"]
+                                   if image else []))
+
+    return re.sub(r"^(\s*)from stage1_extract\.decode import (.+)$", split, source, flags=re.MULTILINE)
 
 
 def _list(images: Path, n: int) -> list[Path]:
@@ -46,18 +68,19 @@ def _list(images: Path, n: int) -> list[Path]:
 
 def run_one(cfg: dict) -> dict:
     """One stage-1 run in this (fresh) process: returns the loop's img/s from the run summary."""
-    import stage1_extract.loader as loader
+    import stage1_extract.decoding.pool as loader
     from stage1_extract import extract
 
     if cfg["pool"] != "this tree":
         # Spawned workers import the old module by name: write it where they can import it.
         source = subprocess.run(["git", "show", f"{cfg['pool']}:stage1_extract/loader.py"], cwd=REPO, check=True,
                                 capture_output=True, text=True).stdout
+        source = _new_layout(source)
         shim = Path(cfg["tmp"]) / "pool_before"
         shim.mkdir(exist_ok=True)
         # its reader predates read_image: give it the same fault hook (the fixed decode cost of --fixed-ms)
         source += ("\n_read_and_decode = _decode_one\n\n\ndef _decode_one(path, *args):\n"
-                   "    from stage1_extract.fault_hooks import inject\n\n"
+                   "    from tests.support.faults import inject\n\n"
                    "    inject(path)\n    return _read_and_decode(path, *args)\n")
         (shim / "loader_before.py").write_text(source)
         sys.path.insert(0, str(shim))
@@ -95,11 +118,12 @@ def _scenario_tree(name: str, args, tmp: Path) -> tuple[Path, int, dict, str]:
             dest.read_bytes()  # warm the page cache
         return tree, len(files), {}, f"{len(files)} photos from {args.images} (real decoding)"
     from tests.helpers import make_image_tree
+    from tests.support.faults import fault_env
 
     make_image_tree(tree, per_class=-(-args.n // 3), size=64)
     n = len(list(tree.rglob("*.jpg")))
     # every read sleeps: decoding costs the same whatever else the shared machine runs
-    return tree, n, {"STAGE1_FAULTS": f"sleep{args.fixed_ms}:*"}, \
+    return tree, n, fault_env(f"sleep{args.fixed_ms}:*"), \
         f"{n} small photos, each costing a fixed {args.fixed_ms} ms (sleep) on top of its decoding"
 
 

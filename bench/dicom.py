@@ -51,9 +51,9 @@ def _per_file_ms(fn, files) -> float:
 def header_pass(n: int, rounds: int) -> dict:
     from pydicom.data import get_testdata_file
 
-    from stage1_extract import dicom_records
-    from stage1_extract.dicom import read_dataset
-    from stage1_extract.sources import list_images
+    from stage1_extract.inputs import dicom_records
+    from stage1_extract.decoding.dicom import read_dataset
+    from stage1_extract.inputs.listing import list_images
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-dicom-"))
     try:
@@ -88,9 +88,9 @@ def decoding(repeat: int) -> dict:
     from PIL import Image
     from pydicom.data import get_testdata_file
 
-    from stage1_extract.decode import decode_image
-    from stage1_extract.dicom import dicom_pixels
-    from stage1_extract.preprocessing import Preprocessing
+    from stage1_extract.decoding.image import decode_image
+    from stage1_extract.decoding.dicom import dicom_pixels
+    from stage1_extract.model.preprocessing import Preprocessing
 
     prep = Preprocessing(input_size=224, resize=256)
     rows = {}

@@ -149,8 +149,8 @@ _PREPS: dict = {}
 
 def _decode_task(args):
     path, prep_dict, draft = args
-    from stage1_extract.decode import decode_image
-    from stage1_extract.preprocessing import Preprocessing
+    from stage1_extract.decoding.image import decode_image
+    from stage1_extract.model.preprocessing import Preprocessing
 
     key = json.dumps(prep_dict, sort_keys=True)
     prep = _PREPS.get(key) or _PREPS.setdefault(key, Preprocessing.from_dict(prep_dict))
@@ -182,9 +182,9 @@ def part_model(cfg: dict) -> dict:
     """Model ceiling: the ONNX session alone on pre-decoded uint8 batches of the set's own images."""
     import numpy as np
 
-    from stage1_extract.decode import decode_image
-    from stage1_extract.preprocessing import Preprocessing
-    from stage1_extract.session import FeatureSession
+    from stage1_extract.decoding.image import decode_image
+    from stage1_extract.model.preprocessing import Preprocessing
+    from stage1_extract.runtime.session import FeatureSession
 
     prep = Preprocessing.from_dict(cfg["prep"])
     bs = cfg["batch_size"]
@@ -192,9 +192,9 @@ def part_model(cfg: dict) -> dict:
     batch = np.stack([decode_image(open(p, "rb").read(), prep, draft=cfg["draft"]) for p in files])
     if len(batch) < bs:  # fewer images than a batch: repeat them
         batch = np.concatenate([batch] * (bs // len(batch) + 1))[:bs]
-    from stage1_extract.inference import OverlappedInference
+    from stage1_extract.runtime.inference import OverlappedInference
 
-    from stage1_extract.session import CudaOptions
+    from stage1_extract.runtime.session import CudaOptions
 
     session = FeatureSession(cfg["onnx_path"], provider=cfg["provider"], batch_size=bs,
                              input_size=prep.input_size, threads=cfg.get("model_threads"),
@@ -224,8 +224,8 @@ def part_gpu_decode(cfg: dict) -> dict:
     """GPU decode ceiling: the project's GPU decoder alone over the set (batches stay on the device)."""
     import torch
 
-    from stage1_extract.extract import _decoder
-    from stage1_extract.preprocessing import Preprocessing
+    from stage1_extract.decoding.factory import make_decoder as _decoder
+    from stage1_extract.model.preprocessing import Preprocessing
 
     prep = Preprocessing.from_dict(cfg["prep"])
     files = [p for p, _ in cfg["files"]]
@@ -254,8 +254,9 @@ def part_naive(cfg: dict) -> dict:
     from torch.utils.data import DataLoader
     from torchvision.datasets import ImageFolder
 
-    from stage1_extract.backbones import build_feature_model, get_backbone, weights_source
-    from stage1_extract.preprocessing import Preprocessing
+    from stage1_extract.model.registry import get_backbone
+    from stage1_extract.model.weights import build_feature_model, weights_source
+    from stage1_extract.model.preprocessing import Preprocessing
 
     spec = get_backbone(cfg["backbone"])
     prep = Preprocessing.from_dict(cfg["prep"])
@@ -298,9 +299,11 @@ def part_naive(cfg: dict) -> dict:
 
 def part_prepare(cfg: dict) -> dict:
     """Export (or find in the cache) the ONNX model, and resolve the project's defaults for this provider."""
-    from stage1_extract.extract import _versions, default_workers, prepare_model
-    from stage1_extract.lifecycle import default_batch_size
-    from stage1_extract.session import wants_gpu
+    from stage1_extract.engines.local import default_workers
+    from stage1_extract.model.export import prepare_model
+    from stage1_extract.run.lifecycle import versions as _versions
+    from stage1_extract.run.lifecycle import default_batch_size
+    from stage1_extract.runtime.session import wants_gpu
 
     model = prepare_model(cfg["backbone"], weights=cfg.get("weights"), precision=cfg["precision"])
     on_gpu = wants_gpu(cfg["provider"])

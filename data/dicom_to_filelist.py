@@ -16,7 +16,7 @@ The script reads each file's header only (pydicom, no pixel data), joins it to t
 (a DICOM keyword, or ``filename`` for the file name without extension), and writes ``OUT`` (``.csv`` or
 ``.parquet``) that ``stage1-extract --images OUT`` reads directly. ``group`` is stage 1's own salted hash of
 the PatientID (``--group-by study``: StudyInstanceUID), with the same secret stage 1 uses (see
-``stage1_extract.dicom_records``), so the file list and stage 1 agree; the raw identifiers are not
+``stage1_extract.inputs.dicom_records``), so the file list and stage 1 agree; the raw identifiers are not
 written. Paths are stored relative to OUT's folder; when folder or file names themselves are identifiers
 (TCIA's ``<PatientID>/`` level), ``--link-dir`` writes neutral symbolic links
 (``<link-dir>/<label>/<hash>.dcm``) and lists those instead, so no identifier reaches the shards' ``path``.
@@ -55,7 +55,7 @@ def read_labels(path: Path, key_column: str, label_column: str) -> tuple[dict[st
 
 
 def _header(path: str, key: str):
-    from stage1_extract.dicom import quiet_pydicom, read_dataset
+    from stage1_extract.decoding.dicom import quiet_pydicom, read_dataset
 
     tags = ["PatientID", "StudyInstanceUID"] + ([] if key == "filename" else [key])
     with quiet_pydicom():  # pydicom's warnings can quote the values; they are converted lazily, below too
@@ -70,8 +70,8 @@ def convert(images: Path, labels_csv: Path, out: Path, *, key: str = "filename",
             label_column: str, group_by: str = "patient", link_dir: Path | None = None,
             salt: str | None = None) -> dict:
     """Write the file list; returns counts (rows written, and each reason a file was left out)."""
-    from stage1_extract.dicom import DICOM_EXTENSIONS, is_dicom_file
-    from stage1_extract.dicom_records import group_id, group_salt
+    from stage1_extract.decoding.dicom import DICOM_EXTENSIONS, is_dicom_file
+    from stage1_extract.inputs.dicom_records import group_id, group_salt
 
     if group_by not in ("patient", "study"):
         raise ValueError(f"--group-by must be patient or study, not {group_by!r}")

@@ -76,16 +76,9 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
              ray_address=None, progress=True, **stage1_options) -> dict[str, Any]:
     kwargs = dict(backbone=None if onnx else backbone, weights=weights, onnx=onnx, input_size=input_size,
                   progress=progress, **stage1_options)
-    if engine == "ray":
-        from stage1_extract.ray_engine import extract_ray
+    from stage1_extract import extract
 
-        summary = extract_ray(images, fdir, ray_address=ray_address, **kwargs)
-    elif engine == "local":
-        from stage1_extract import extract
-
-        summary = extract(images, fdir, **kwargs)
-    else:
-        raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
+    summary = extract(images, fdir, engine=engine, ray_address=ray_address, **kwargs)  # engine checked there
     if progress:
         print(summary.format(), flush=True)
     info = summary.as_dict()
@@ -166,10 +159,10 @@ def predict(
         require_file_target(out)  # before extracting, not after
     extract_fn = None
     if engine == "ray":
-        from stage1_extract.ray_engine import extract_ray
+        from stage1_extract import extract
 
         def extract_fn(source, fdir, **kwargs):
-            return extract_ray(source, fdir, ray_address=ray_address, **kwargs)
+            return extract(source, fdir, engine="ray", ray_address=ray_address, **kwargs)
     elif engine != "local":
         raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
     return Classifier.load(model_dir).predict(images, top_k=top_k, out=out, features_dir=features, weights=weights,

@@ -29,7 +29,7 @@ def test_run_extracts_once_and_retrains_cheaply(images, tmp_path, monkeypatch):
     assert first.metrics["test"]["accuracy"] >= 0.5  # 3 photo classes, tiny test split
 
     # Second run: nothing to extract; the decode/inference path must not even start.
-    import stage1_extract.loader as loader
+    import stage1_extract.decoding.pool as loader
 
     monkeypatch.setattr(loader.DecodePool, "__init__", lambda *a, **k: pytest.fail("extraction re-ran"))
     second = pipeline.run(images, work, train_options={**TRAIN, "hidden": (), "seed": 1}, run_name="linear",

@@ -169,7 +169,7 @@ def test_errors_table_of_an_older_version_is_read_and_moved_out_of_the_shard_fol
 # ---- listing: links, hidden folders, formats by content -----------------------------------------------------
 
 def test_a_link_to_a_sibling_class_never_takes_its_images(tmp_path, tiny):
-    from stage1_extract.sources import list_images
+    from stage1_extract.inputs.listing import list_images
     from tests.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=2)
@@ -193,7 +193,7 @@ def test_a_link_to_a_sibling_class_never_takes_its_images(tmp_path, tiny):
 
 
 def test_a_real_link_loop_is_still_called_one(tmp_path):
-    from stage1_extract.sources import list_images
+    from stage1_extract.inputs.listing import list_images
     from tests.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=1)
@@ -218,7 +218,7 @@ def test_a_hidden_class_folder_is_reported_not_silently_dropped(tmp_path, tiny):
 def test_images_are_recognised_by_content_not_only_by_extension(tmp_path, tiny):
     from PIL import Image, features
 
-    from stage1_extract.sources import list_images
+    from stage1_extract.inputs.listing import list_images
     from tests.helpers import photo
 
     cls = tmp_path / "imgs" / "cat"
@@ -273,8 +273,8 @@ def test_a_rerun_re_extracts_rows_with_nan_features(tmp_path, tiny):
 # ---- interrupts and crashes lose at most about a minute ------------------------------------------------------
 
 def test_ctrl_c_keeps_the_rows_already_computed_and_says_how_many(tmp_path, tiny, monkeypatch):
-    from stage1_extract import session as session_module
-    from stage1_extract.writer import Interrupted
+    from stage1_extract.runtime import session as session_module
+    from stage1_extract.run.writer import Interrupted
     from tests.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=4)
@@ -301,7 +301,7 @@ def test_ctrl_c_keeps_the_rows_already_computed_and_says_how_many(tmp_path, tiny
 def test_shards_are_also_written_by_time(tmp_path, monkeypatch):
     import numpy as np
 
-    import stage1_extract.writer as writer_module
+    import stage1_extract.run.writer as writer_module
     from tests.synthetic import synthetic_metadata
 
     clock = [1000.0]
@@ -413,7 +413,7 @@ def test_a_pickle_named_model_keras_is_called_what_it_is(tmp_path):
 
 
 def test_provider_cuda_without_a_gpu_prints_only_our_message(tmp_path, tiny):
-    from stage1_extract.session import _gpu_visible
+    from stage1_extract.runtime.session import _gpu_visible
     from tests.helpers import make_image_tree
 
     if _gpu_visible():

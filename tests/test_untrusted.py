@@ -27,7 +27,8 @@ import pytest
 
 import shardformat
 from shardformat import METADATA_KEY, IncompatibleShardsError, ShardFormatError, ShardMetadata, write_shard
-from stage1_extract.backbones import WeightsUnavailableError, get_backbone, weights_source
+from stage1_extract.model.registry import get_backbone
+from stage1_extract.model.weights import WeightsUnavailableError, weights_source
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -75,7 +76,7 @@ def test_crafted_pickle_in_a_weights_file_is_refused_and_never_runs(tmp_path, ki
 
 
 def test_crafted_weights_refused_before_any_export(tmp_path):
-    from stage1_extract.export import export_backbone
+    from stage1_extract.model.export import export_backbone
 
     path, marker = _crafted_weights(tmp_path, "torch-zip")
     with pytest.raises(WeightsUnavailableError):

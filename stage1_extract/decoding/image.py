@@ -1,0 +1,232 @@
+"""Image decoding: file bytes → RGB uint8 array, resized and centre-cropped as the backbone expects.
+
+Imported by decode worker processes, so it must stay light (numpy and PIL only, no torch).
+Every failure becomes a :class:`~stage1_extract.decoding.files.DecodeError` with a reason a person can read;
+the caller records it. Files are read by :mod:`stage1_extract.decoding.files`; :func:`decode_file` is the one
+read-and-decode step of the CPU decoders (worker pool and Ray).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from stage1_extract.decoding.files import DecodeError, FileResult, read_image, split_frame_ref
+from stage1_extract.model.preprocessing import Preprocessing
+
+_RESAMPLE = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+#: Peak memory one image may take to decode (estimated from its size and pixel mode before any pixel is
+#: decoded); larger images are recorded with the reason. Override with STAGE1_DECODE_MEMORY_MB.
+MEMORY_BUDGET_BYTES = int(os.environ.get("STAGE1_DECODE_MEMORY_MB", "1024")) * 2**20
+
+
+def decode_file(path: str, prep: Preprocessing, out: np.ndarray, *, draft: bool = False) -> FileResult:
+    """Read and decode ``path`` into ``out`` (an ``input_size² × 3`` uint8 array); the failure, if any, in
+    the result (``data`` is dropped: only identity and reason travel back from a decode worker)."""
+    got = read_image(path)
+    got.data, data = None, got.data
+    if got.reason is not None:
+        return got
+    try:
+        out[...] = decode_image(data, prep, draft=draft, frame=split_frame_ref(path)[1])
+    except DecodeError as exc:
+        got.reason, got.transient = str(exc), exc.transient
+    except MemoryError:
+        got.reason, got.transient = "out of memory while decoding (transient: retried next run)", True
+    except Exception as exc:  # a decoder bug must cost one image, not the run
+        got.reason = f"unexpected decoder error: {type(exc).__name__}: {exc}"
+    return got
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: transparency over white, 16/32-bit and float rescaled, CMYK via PIL."""
+    img = _to_8bit(img)
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """RGB for colour modes; L (gray, rescaled) for 16/32-bit and float modes, whose RGB is the gray repeated.
+
+    Returning L lets :func:`decode_image` resize first and expand to RGB after, so a huge gray image never
+    exists as full-size RGB (4 bytes a pixel).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P" or mode == "PA":
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "La", "RGBa"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        return _wide_to_gray(img)
+    return img.convert("RGB")
+
+
+_BAND_PIXELS = 1 << 20  # pixels converted at a time: wide modes never get a full-size float64 copy
+
+
+def _bands(img: Image.Image):
+    """(top row, pixel array) of horizontal bands of ``img``, each about ``_BAND_PIXELS`` pixels."""
+    w, h = img.size
+    step = max(1, _BAND_PIXELS // max(1, w))
+    for top in range(0, h, step):
+        yield top, np.asarray(img.crop((0, top, w, min(h, top + step))))
+
+
+def _wide_to_gray(img: Image.Image) -> Image.Image:
+    """16/32-bit integer or float gray → 8-bit gray, band by band (exactly the whole-image arithmetic, at a
+    fraction of the memory: a float TIFF of a few hundred KB can hold a raster of hundreds of MB).
+
+    Float: NaN → 0, ±inf → the extreme finite values; data already in 0..255 is kept, any other range is
+    stretched to 0..255. Integer: 16-bit data (``I;16``, or ``I`` outside 0..255) gets the robust percentile
+    window of :mod:`stage1_extract.decoding.windowing` (the DICOM fallback); 8-bit-range data is kept.
+    """
+    mode = img.mode
+    w, h = img.size
+    gray = np.empty((h, w), np.uint8)
+    if mode == "F":
+        lo = hi = None  # finite extremes
+        has_nan = False
+        for _, band in _bands(img):
+            finite = np.isfinite(band)
+            has_nan = has_nan or bool(np.isnan(band).any())
+            if finite.any():
+                vals = band[finite]
+                lo = float(vals.min()) if lo is None else min(lo, float(vals.min()))
+                hi = float(vals.max()) if hi is None else max(hi, float(vals.max()))
+        top, bottom = (hi, lo) if hi is not None else (0.0, 0.0)
+        # the range after NaN → 0 and ±inf → extremes
+        amin, amax = (min(bottom, 0.0), max(top, 0.0)) if has_nan else (bottom, top)
+        if hi is None:
+            amin = amax = 0.0
+        keep = amin >= 0 and amax <= 255
+        for row, band in _bands(img):
+            arr = np.nan_to_num(band.astype(np.float64), nan=0.0, posinf=top, neginf=bottom)
+            if keep:
+                scaled = np.clip(arr, 0, 255)
+            elif amax > amin:
+                scaled = (arr - amin) * (255.0 / (amax - amin))
+            else:
+                scaled = np.zeros_like(arr)
+            gray[row:row + len(band)] = np.rint(scaled).astype(np.uint8)
+    else:
+        peak = max((int(band.max(initial=0)) for _, band in _bands(img)), default=0)
+        floor = min((int(band.min(initial=0)) for _, band in _bands(img)), default=0)
+        if peak > 255 or floor < 0 or mode.startswith("I;16"):
+            # 16-bit data (PNG/TIFF "I;16" or "I"): the windowing policy DICOM uses (a robust percentile window,
+            # stage1_extract.decoding.windowing), its percentiles taken from the same strided sample as on a whole image
+            from stage1_extract.decoding.windowing import percentile_window, range_unit, unit_to_uint8, window_sample
+
+            low, high = percentile_window(np.concatenate(
+                [window_sample(band, start=row * w, total=w * h) for row, band in _bands(img)]))
+            for row, band in _bands(img):
+                gray[row:row + len(band)] = unit_to_uint8(range_unit(band, low, high))
+        else:  # 8-bit-range data in a wide mode is kept as it is
+            for row, band in _bands(img):
+                gray[row:row + len(band)] = band.astype(np.uint8)
+    return Image.fromarray(gray, mode="L")
+
+
+# Peak bytes per pixel to decode an image of each mode here: its raster plus the conversions above.
+_PEAK_BYTES_PER_PIXEL = {"1": 5, "L": 5, "P": 17, "PA": 17, "LA": 17, "La": 17, "RGBA": 16, "RGBa": 16,
+                         "F": 5, "I": 5, "RGB": 8}
+
+
+def check_memory_budget(mode: str, width: int, height: int) -> None:
+    """Refuse, before decoding a pixel, an image whose decoding would take more than the per-image budget."""
+    per_pixel = 3 if mode.startswith("I;16") else _PEAK_BYTES_PER_PIXEL.get(mode, 8)
+    need = width * height * per_pixel
+    if need > MEMORY_BUDGET_BYTES:
+        raise DecodeError(
+            f"image is {width}×{height} {mode}: decoding needs about {need / 2**20:.0f} MiB, over the "
+            f"{MEMORY_BUDGET_BYTES // 2**20} MiB per-image memory budget (STAGE1_DECODE_MEMORY_MB)"
+        )
+
+
+def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
+    """Source-pixel box that, resized to input_size², equals resize-shorter-side (rounded) then centre crop.
+
+    The per-axis scale and the crop offset are the textbook pipeline's (see ``reference_preprocess``),
+    so the result matches it pixel for pixel while resampling only the pixels that survive the crop.
+    """
+    scale = prep.resize / min(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    left = int(round((new_w - prep.input_size) / 2))
+    top = int(round((new_h - prep.input_size) / 2))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + prep.input_size) * sx, (top + prep.input_size) * sy)
+
+
+def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False, frame: int | None = None) -> np.ndarray:
+    """Decode ``data`` into an ``input_size × input_size × 3`` uint8 RGB array.
+
+    EXIF orientation is applied; animated images use their first frame. Only the region that survives
+    the centre crop is resampled (PIL's ``box``), so a 10000×10 strip costs no more than a thumbnail.
+    ``draft`` lets the JPEG decoder skip detail (DCT scaling) when the image is at least twice the
+    size needed — much faster for large photographs, at a small change in pixels.
+    DICOM (recognised by content) is read by :mod:`stage1_extract.decoding.dicom`; ``frame`` picks a multi-frame
+    file's frame (0-based; default the first).
+    """
+    from stage1_extract.decoding.dicom import dicom_image, is_dicom
+
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            img = dicom_image(data, frame) if is_dicom(data[:132]) else Image.open(io.BytesIO(data))
+            if draft and img.format == "JPEG":
+                w, h = img.size
+                need = prep.resize / min(w, h)
+                if need <= 0.5:
+                    img.draft("RGB", (max(1, int(w * need * 1.001) + 1), max(1, int(h * need * 1.001) + 1)))
+            img.seek(0)
+            check_memory_budget(img.mode, *img.size)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no second full-size raster
+            img = _to_8bit(img)
+            w, h = img.size
+            if w < 1 or h < 1:
+                raise DecodeError(f"image has no pixels ({w}×{h})")
+            out = img.resize(
+                (prep.input_size, prep.input_size),
+                resample=_RESAMPLE[prep.interpolation],
+                box=_crop_box(w, h, prep),
+            )
+            arr = np.asarray(out if out.mode == "RGB" else out.convert("RGB"), dtype=np.uint8)
+        except DecodeError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise DecodeError(f"decompression bomb refused: {exc}") from None
+        except UnidentifiedImageError:
+            raise DecodeError("not an image PIL can identify") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError) as exc:
+            text = str(exc) or type(exc).__name__
+            raise DecodeError(f"cannot decode image: {text}") from None
+        except MemoryError:
+            raise DecodeError("out of memory while decoding (transient: retried next run)", transient=True) from None
+    if arr.shape != (prep.input_size, prep.input_size, 3):
+        raise DecodeError(f"decoded to unexpected shape {arr.shape}")
+    return arr
+
+
+def reference_preprocess(path: str, prep: Preprocessing) -> np.ndarray:
+    """The textbook pipeline (resize the shorter side, round, then crop), for tests comparing against it."""
+    img = to_rgb(ImageOps.exif_transpose(Image.open(path)))
+    w, h = img.size
+    scale = prep.resize / min(w, h)
+    img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=_RESAMPLE[prep.interpolation])
+    w, h = img.size
+    left, top = int(round((w - prep.input_size) / 2)), int(round((h - prep.input_size) / 2))
+    return np.asarray(img.crop((left, top, left + prep.input_size, top + prep.input_size)), dtype=np.uint8)

@@ -1,0 +1,130 @@
+"""What a deployed model needs of stage 1: the extractor that made a run's vectors, and its pixels.
+
+``find_model`` gives back the verified ONNX extractor behind a shard metadata record (the one a stage-2
+run keeps in ``shard_metadata.json``): from the export cache when the exact file is still there (matched by
+its ``onnx_sha256``), otherwise exported again and accepted only when it makes compatible vectors (same
+backbone, weights, preprocessing and dimension). ``load_pixels`` decodes image files exactly as extraction
+does (EXIF, modes, resize of the shorter side, centre crop), so a merged pixels-to-probabilities model can
+be compared with the two-stage path on the very same input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+
+from shardformat import IncompatibleShardsError, ShardMetadata
+from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model
+from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.errors import InputNotFoundError, OptionError
+
+
+def _as_metadata(metadata: ShardMetadata | str | dict) -> ShardMetadata:
+    if isinstance(metadata, ShardMetadata):
+        return metadata
+    return ShardMetadata.from_json(metadata if isinstance(metadata, str) else json.dumps(metadata))
+
+
+def _from_cache(meta: ShardMetadata) -> ExtractorModel | None:
+    """The cached export whose bytes are exactly the ones that made ``meta``'s vectors, if still cached."""
+    from stage1_extract.model.weights import file_sha256
+
+    for info_path in sorted(cache_dir().glob("*.json")):
+        try:
+            info = json.loads(info_path.read_text())
+        except (OSError, ValueError):
+            continue
+        onnx_path = info_path.with_suffix(".onnx")
+        if not isinstance(info, dict) or info.get("onnx_sha256") != meta.onnx_sha256 or not onnx_path.is_file():
+            continue
+        if file_sha256(onnx_path) != meta.onnx_sha256:  # damaged or replaced since: export again
+            continue
+        return ExtractorModel(backbone=meta.backbone, weights_id=meta.weights_id, onnx_path=str(onnx_path),
+                              onnx_sha256=meta.onnx_sha256, preprocessing=Preprocessing.from_dict(meta.preprocessing),
+                              feature_dim=meta.feature_dim, precision=meta.precision)
+    return None
+
+
+def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLike | None = None,
+               onnx: str | os.PathLike | None = None, precision: str | None = None) -> ExtractorModel:
+    """The ONNX extractor (uint8 ``images`` N×S×S×3 in, float32 ``features`` N×D out) behind ``metadata``.
+
+    ``precision`` defaults to the one the vectors were made with. A run trained on a user ONNX model needs
+    that file again (``onnx=``) unless its wrapped export is still cached; a run trained with ``--weights``
+    needs the same weights file when the export must be rebuilt. Raises
+    :class:`~shardformat.IncompatibleShardsError` when what can be built would make different vectors.
+    """
+    from stage1_extract.run.lifecycle import shard_metadata
+
+    meta = _as_metadata(metadata)
+    precision = precision or meta.precision
+    if precision == meta.precision and onnx is None:
+        cached = _from_cache(meta)
+        if cached is not None:
+            return cached
+    prep = Preprocessing.from_dict(meta.preprocessing)
+    if meta.backbone.startswith("onnx:"):
+        if precision != meta.precision:
+            raise OptionError(f"the vectors were made by a user ONNX model ({meta.backbone}, {meta.precision}); "
+                             f"stage 1 cannot convert it to {precision}: export it in that precision yourself")
+        if onnx is None:
+            raise InputNotFoundError(
+                f"the vectors were made by a user ONNX model ({meta.backbone}) whose wrapped export is no longer "
+                f"in {cache_dir()}; pass the same ONNX file (onnx=... / --onnx FILE)")
+        model = prepare_model(onnx=onnx, input_size=prep.input_size, resize=prep.resize,
+                              interpolation=prep.interpolation, mean=tuple(m / 255 for m in prep.mean),
+                              std=tuple(s / 255 for s in prep.std))
+    else:
+        model = prepare_model(meta.backbone, weights=weights, precision=precision)
+    made = shard_metadata(model)
+    if made.compatibility_key() != meta.compatibility_key():
+        hint = " (the run was trained with --weights: pass the same file)" if meta.weights_id != made.weights_id \
+            and weights is None else ""
+        raise IncompatibleShardsError(
+            f"the extractor available now ({made.describe()}) does not make the vectors this model was trained on "
+            f"({meta.describe()}){hint}")
+    return model
+
+
+@dataclasses.dataclass
+class Pixels:
+    """Decoded, resized and centre-cropped images: ``array`` holds one N×S×S×3 uint8 row per path in ``paths``."""
+
+    array: np.ndarray
+    paths: list[str]
+    errors: list[tuple[str, str]]  # (path, reason) for files that could not be used
+
+
+def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | None = None) -> Pixels:
+    """Decode images the way extraction does; unusable files are listed in ``errors``, not raised.
+
+    ``images``: one image file, a folder or file list (listed as :func:`extract` lists them), or a list of
+    paths. ``limit`` keeps that many, spread evenly over the listing (class folders come sorted by class).
+    """
+    from stage1_extract.decoding.files import DecodeError, read_file
+    from stage1_extract.decoding.image import decode_image
+    from stage1_extract.inputs.listing import list_images
+    from stage1_extract.inputs.records import IMAGE_EXTENSIONS
+
+    prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
+    if isinstance(images, (list, tuple)):
+        paths = [os.fspath(p) for p in images]
+    elif os.path.isfile(images) and os.path.splitext(os.fspath(images))[1].lower() in IMAGE_EXTENSIONS:
+        paths = [os.fspath(images)]
+    else:
+        paths = [r.abspath for r in list_images(images).records]
+    if limit is not None and len(paths) > limit:
+        paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, limit).round().astype(int))]
+    rows, ok, errors = [], [], []
+    for path in paths:
+        try:
+            rows.append(decode_image(read_file(path), prep))
+            ok.append(path)
+        except DecodeError as exc:
+            errors.append((path, str(exc)))
+    size = prep.input_size
+    array = np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8)
+    return Pixels(array, ok, errors)

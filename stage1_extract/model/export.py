@@ -1,0 +1,232 @@
+"""torch → ONNX export, once per (backbone, weights, opset, precision), cached by content hash and verified.
+
+The cache lives in ``$HYBRID_TRANSFER_CACHE`` (default ``~/.cache/hybrid-transfer``). Every export is
+checked against torch on a random batch before it is used: a mismatch is an error, never a warning.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from shardformat import atomic_write_bytes
+from stage1_extract.errors import InputError, InputNotFoundError, OptionError, Stage1Error
+from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME, add_preprocessing_and_pooling
+from stage1_extract.model.preprocessing import Preprocessing
+from stage1_extract.model.registry import BackboneSpec, get_backbone
+from stage1_extract.model.weights import build_feature_model, file_sha256, weights_source
+
+OPSET = 17
+EXPORT_FORMAT = 2  # bump when the exported graph's layout changes, to invalidate caches
+TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+
+
+class ExportVerificationError(Stage1Error, RuntimeError):
+    """ONNX Runtime's output does not match torch's: the exported model must not be used."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorModel:
+    """A ready-to-run ONNX feature extractor and everything that identifies it (goes into shard metadata)."""
+
+    backbone: str
+    weights_id: str
+    onnx_path: str
+    onnx_sha256: str
+    preprocessing: Preprocessing
+    feature_dim: int
+    precision: str
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("HYBRID_TRANSFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hybrid-transfer")
+    path = Path(root) / "onnx"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _cached(key_fields: dict, stem: str) -> tuple[Path, Path, dict | None]:
+    key = hashlib.sha256(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    onnx_path = cache_dir() / f"{stem}-{key}.onnx"
+    info_path = onnx_path.with_suffix(".json")
+    if onnx_path.is_file() and info_path.is_file():
+        try:
+            info = json.loads(info_path.read_text())
+            if info.get("onnx_sha256") == file_sha256(onnx_path):
+                return onnx_path, info_path, info
+        except (OSError, ValueError):
+            pass
+    return onnx_path, info_path, None
+
+
+def _ort_features(onnx_bytes_or_path, images: np.ndarray, providers: list[str]) -> np.ndarray:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_bytes_or_path, sess_options=opts, providers=providers)
+    return sess.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
+
+
+def _verify(onnx_bytes: bytes, torch_model, prep: Preprocessing, precision: str, name: str) -> float:
+    """Compare ORT and torch (fp32) on a random uint8 batch; return the relative error or raise."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(3, prep.input_size, prep.input_size, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = torch_model.float()(x).numpy()
+    from stage1_extract.runtime.session import wants_gpu
+
+    # fp16 is meant for GPUs; verify there when one is usable. ONNX Runtime's CPU kernels also run the
+    # fp16 graph (slowly), which still checks the export on machines without a GPU.
+    providers = ["CPUExecutionProvider"]
+    if precision == "fp16" and wants_gpu("auto"):
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    try:
+        got = _ort_features(onnx_bytes, images, providers)
+    except Exception as exc:  # e.g. a CPU without fp16 kernels for some op
+        raise ExportVerificationError(
+            f"{name} ({precision}): ONNX Runtime could not run the exported model on {providers[0]}: {exc}"
+        ) from None
+    if got.shape != reference.shape:
+        raise ExportVerificationError(f"{name}: ONNX output shape {got.shape} != torch {reference.shape}")
+    err = float(np.abs(got - reference).max() / max(np.abs(reference).max(), 1e-12))
+    if not err < TOLERANCE[precision]:
+        raise ExportVerificationError(
+            f"{name} ({precision}): ONNX Runtime differs from torch by relative error {err:.2e} "
+            f"(limit {TOLERANCE[precision]:.0e}); the export is not used"
+        )
+    return err
+
+
+def _torch_to_onnx(torch_model, prep: Preprocessing, precision: str) -> bytes:
+    import torch
+
+    model = torch_model.half() if precision == "fp16" else torch_model.float()
+    dtype = torch.float16 if precision == "fp16" else torch.float32
+    dummy = torch.zeros(2, 3, prep.input_size, prep.input_size, dtype=dtype)
+    buf = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model, (dummy,), buf, dynamo=False, opset_version=OPSET,
+            input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
+        )
+    return buf.getvalue()
+
+
+def export_backbone(
+    backbone: str | BackboneSpec,
+    *,
+    weights: str | os.PathLike | None = None,
+    precision: str = "fp32",
+    force: bool = False,
+) -> ExtractorModel:
+    """Return the cached, verified ONNX extractor for a registry backbone, exporting it if needed."""
+    import onnx
+
+    spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
+    if precision not in TOLERANCE:
+        raise OptionError(f"precision must be fp32 or fp16, not {precision!r}")
+    source = weights_source(spec, weights)
+    prep = spec.preprocessing
+    key_fields = {"backbone": spec.name, "weights": source.weights_id, "opset": OPSET, "precision": precision,
+                  "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
+    onnx_path, info_path, info = _cached(key_fields, f"{spec.name}-{precision}")
+    if info is None or force:
+        torch_model = build_feature_model(spec, source.load_state_dict())
+        core = onnx.load_from_string(_torch_to_onnx(torch_model, prep, precision))
+        wrapped = add_preprocessing_and_pooling(core, prep).SerializeToString()
+        err = _verify(wrapped, torch_model, prep, precision, spec.name)
+        atomic_write_bytes(onnx_path, wrapped)
+        info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(),
+                "feature_dim": spec.feature_dim, "verified_relative_error": err}
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return ExtractorModel(
+        backbone=spec.name,
+        weights_id=source.weights_id,
+        onnx_path=str(onnx_path),
+        onnx_sha256=info["onnx_sha256"],
+        preprocessing=prep,
+        feature_dim=int(info["feature_dim"]),
+        precision=precision,
+    )
+
+
+def wrap_user_onnx(
+    path: str | os.PathLike,
+    *,
+    input_size: int | None = None,
+    resize: int | None = None,
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225),
+    interpolation: str = "bilinear",
+) -> ExtractorModel:
+    """Bring your own ONNX model: add the uint8 preprocessing front and pooling back, cache the result.
+
+    ``mean``/``std`` are on the 0–1 scale (the usual convention); ``input_size`` is read from the model
+    when its spatial dimensions are fixed; ``resize`` defaults to ``input_size / 0.875``.
+    """
+    import onnx
+
+    from stage1_extract.model.onnx_graph import describe_input
+
+    src = Path(path).expanduser()
+    if not src.is_file():
+        raise InputNotFoundError(f"--onnx {src}: no such file")
+    try:
+        model = onnx.load(str(src))
+    except Exception as exc:
+        raise InputError(f"--onnx {src}: not a readable ONNX model ({exc})") from None
+    _, elem, dims = describe_input(model)
+    if input_size is None:
+        if not isinstance(dims[2], int) or dims[2] <= 0:
+            raise InputError(f"--onnx {src}: the model's input size is dynamic; pass --input-size")
+        input_size = dims[2]
+    prep = Preprocessing.from_fractions(input_size, resize or round(input_size / 0.875), interpolation, mean, std)
+    user_sha = file_sha256(src)
+    precision = "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
+    key_fields = {"user_onnx": user_sha, "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
+    onnx_path, info_path, info = _cached(key_fields, f"user-{src.stem}")
+    if info is None:
+        wrapped = add_preprocessing_and_pooling(model, prep).SerializeToString()
+        probe = np.zeros((1, prep.input_size, prep.input_size, 3), dtype=np.uint8)
+        providers = ["CUDAExecutionProvider"] if precision == "fp16" else ["CPUExecutionProvider"]
+        try:
+            dim = int(_ort_features(wrapped, probe, providers).shape[1])
+        except Exception as exc:
+            raise InputError(f"--onnx {src}: ONNX Runtime cannot run the model: {exc}") from None
+        atomic_write_bytes(onnx_path, wrapped)
+        info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(), "feature_dim": dim}
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return ExtractorModel(
+        backbone=f"onnx:{src.name}",
+        weights_id=f"sha256:{user_sha}",
+        onnx_path=str(onnx_path),
+        onnx_sha256=info["onnx_sha256"],
+        preprocessing=prep,
+        feature_dim=int(info["feature_dim"]),
+        precision=precision,
+    )
+
+
+def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
+                  input_size=None, resize=None, mean=None, std=None, interpolation=None) -> ExtractorModel:
+    """The ONNX extractor for a registry backbone (exported and cached) or for a user's ONNX file."""
+    if onnx is not None:
+        kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
+                                        interpolation=interpolation).items() if v is not None}
+        return wrap_user_onnx(onnx, **kwargs)
+    from stage1_extract.model.registry import DEFAULT_BACKBONE
+
+    return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision)
