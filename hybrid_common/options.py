@@ -42,6 +42,13 @@ def _flag(field: dataclasses.Field) -> str:
     return field.metadata[_KEY]["flag"] or "--" + field.name.replace("_", "-")
 
 
+def _dest(field: dataclasses.Field, flags: dict[str, str]) -> str:
+    """Where argparse keeps a field's value: its name, or the renamed flag's name (``--train-batch-size`` →
+    ``train_batch_size``), so two options of one name from two classes do not overwrite each other."""
+    renamed = flags.get(field.name)
+    return renamed.lstrip("-").replace("-", "_") if renamed else field.name
+
+
 def _fields(cls, only: Iterable[str] | None, exclude: Iterable[str]) -> list[dataclasses.Field]:
     declared = [f for f in dataclasses.fields(cls) if _KEY in f.metadata]
     names = {f.name for f in declared}
@@ -82,7 +89,7 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         meta = field.metadata[_KEY]
         default = defaults.get(field.name, _default_of(field))
         text = help.get(field.name, meta["help"])
-        kwargs: dict[str, Any] = {"dest": field.name}
+        kwargs: dict[str, Any] = {"dest": _dest(field, flags)}
         if meta["action"]:
             kwargs["action"] = meta["action"]
         else:
@@ -102,9 +109,13 @@ def add_options(parser: argparse.ArgumentParser | argparse._ArgumentGroup, cls, 
         parser.add_argument(flags.get(field.name, _flag(field)), *meta["aliases"], help=text, **kwargs)
 
 
-def options_from_args(cls, args: argparse.Namespace, **overrides: Any):
-    """An instance of ``cls`` from the parsed flags: every field whose flag was added, plus ``overrides``."""
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+def options_from_args(cls, args: argparse.Namespace, *, only: Iterable[str] | None = None,
+                      flags: dict[str, str] | None = None, **overrides: Any):
+    """An instance of ``cls`` from the parsed flags: every field whose flag was added (or ``only`` these; pass
+    the ``flags`` given to :func:`add_options`), plus ``overrides``; the other fields keep their defaults."""
+    flags = flags or {}
+    fields = [f for f in dataclasses.fields(cls) if only is None or f.name in set(only)]
+    values = {f.name: getattr(args, _dest(f, flags)) for f in fields if hasattr(args, _dest(f, flags))}
     values.update(overrides)
     return cls(**values)
 

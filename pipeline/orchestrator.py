@@ -1,7 +1,8 @@
 """Run stage 1 into a per-backbone feature cache, then stage 2; predict and compare end to end.
 
-Only the stages' public functions are called here: ``stage1_extract.extract`` and
-``stage2_classify.train`` / ``Classifier``, plus ``shardformat`` for the metadata a trained model records.
+Only the stages' public functions and option classes are called here: ``stage1_extract.extract`` /
+``ExtractOptions`` and ``stage2_classify.train`` / ``TrainOptions`` / ``Classifier``, plus ``shardformat`` for
+the files beside a feature folder.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from hybrid_common import renamed_keywords
 from shardformat import atomic_write_json, read_json
 from shardformat.layout import meta_file, require_file_target, require_folder
 
@@ -72,13 +74,30 @@ def features_dir(workdir: str | os.PathLike, backbone: str | None = None, **kw) 
     return os.path.join(os.fspath(workdir), "features", cache_name(backbone, **kw))
 
 
-def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input_size=None, engine="local",
-             ray_address=None, progress=True, **stage1_options) -> dict[str, Any]:
-    kwargs = dict(backbone=None if onnx else backbone, weights=weights, onnx=onnx, input_size=input_size,
-                  progress=progress, **stage1_options)
+def _options(cls, given, what: str):
+    """``given`` as a ``cls`` (an instance, a dict of its fields, or None for the defaults)."""
+    if given is None:
+        return cls()
+    if isinstance(given, cls):
+        return given
+    if isinstance(given, dict):
+        return dataclasses.replace(cls(), **given)
+    raise TypeError(f"{what} must be a {cls.__name__} or a dict of its fields, not {type(given).__name__}")
+
+
+def _stage1_options(given) -> dict[str, Any]:
+    from stage1_extract import ExtractOptions
+
+    return _options(ExtractOptions, given, "stage1_options").as_kwargs()
+
+
+def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input_size=None, progress=True,
+             stage1_options=None) -> dict[str, Any]:
     from stage1_extract import extract
 
-    summary = extract(images, fdir, engine=engine, ray_address=ray_address, **kwargs)  # engine checked there
+    kwargs = {**_stage1_options(stage1_options), "backbone": None if onnx else backbone, "weights": weights,
+              "onnx": onnx, "input_size": input_size, "progress": progress}
+    summary = extract(images, fdir, **kwargs)  # the engine (local or Ray) is stage 1's choice, from the options
     if progress:
         print(summary.format(), flush=True)
     info = summary.as_dict()
@@ -94,6 +113,25 @@ def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input
     return info
 
 
+#: the stage-1 options that prediction passes on (the backbone itself is the run's own)
+PREDICT_STAGE1 = ("engine", "ray_address", "provider", "precision", "batch_size", "workers", "draft")
+
+
+def _with_engine(stage1_options, engine: str | None, ray_address: str | None):
+    """``stage1_options`` with ``engine`` / ``ray_address`` given as keywords (the older spelling) folded in."""
+    from stage1_extract import ExtractOptions
+
+    options = _options(ExtractOptions, stage1_options, "stage1_options")
+    given = {k: v for k, v in (("engine", engine), ("ray_address", ray_address)) if v is not None}
+    return dataclasses.replace(options, **given) if given else options
+
+
+def _train_options(given):
+    from stage2_classify import TrainOptions
+
+    return _options(TrainOptions, given, "train_options")
+
+
 def run(
     images: str | os.PathLike,
     workdir: str | os.PathLike,
@@ -102,25 +140,32 @@ def run(
     weights: str | os.PathLike | None = None,
     onnx: str | os.PathLike | None = None,
     input_size: int | None = None,
-    engine: str = "local",
+    engine: str | None = None,
     ray_address: str | None = None,
     run_name: str | None = None,
-    stage1_options: dict[str, Any] | None = None,
-    train_options: dict[str, Any] | None = None,
+    stage1_options=None,
+    train_options=None,
     progress: bool = True,
 ) -> PipelineResult:
     """Stage 1 into ``workdir/features/<backbone>`` (incremental: cached images cost nothing), then stage 2
-    into ``workdir/runs/<backbone>/<run_name>``."""
+    into ``workdir/runs/<backbone>/<run_name>``.
+
+    ``stage1_options``: an :class:`stage1_extract.ExtractOptions` or a dict of its fields (``engine``,
+    ``provider``, ``batch_size``…); ``train_options``: a :class:`stage2_classify.TrainOptions` or a dict of its
+    fields. ``engine`` and ``ray_address`` may also be given here directly.
+    """
     import stage2_classify
 
     require_folder(workdir, "--workdir")
     fdir = features_dir(workdir, backbone, weights=weights, onnx=onnx)
     t0 = time.perf_counter()
     extraction = _extract(images, fdir, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size,
-                          engine=engine, ray_address=ray_address, progress=progress, **(stage1_options or {}))
+                          progress=progress, stage1_options=_with_engine(stage1_options, engine, ray_address))
     t1 = time.perf_counter()
     run_dir = os.path.join(os.fspath(workdir), "runs", Path(fdir).name, run_name or "latest")
-    result = stage2_classify.train(fdir, run_dir, progress=progress, **(train_options or {}))
+    opts = _train_options(train_options)
+    result = stage2_classify.train(fdir, run_dir, progress=progress,
+                                   **{f.name: getattr(opts, f.name) for f in dataclasses.fields(opts)})
     t2 = time.perf_counter()
     return PipelineResult(
         backbone=Path(fdir).name,
@@ -132,21 +177,22 @@ def run(
     )
 
 
+@renamed_keywords(model_dir="run", model="run")
 def predict(
     images: str | os.PathLike,
-    model_dir: str | os.PathLike,
+    run: str | os.PathLike,
     out: str | os.PathLike | None = None,
     *,
     features: str | os.PathLike | None = None,
     weights: str | os.PathLike | None = None,
     onnx: str | os.PathLike | None = None,
     top_k: int = 3,
-    engine: str = "local",
+    engine: str | None = None,
     ray_address: str | None = None,
-    stage1_options: dict[str, Any] | None = None,
+    stage1_options=None,
     progress: bool = True,
 ):
-    """New images end to end (one file, a folder or a file list): stage 1 with the model's own backbone, then
+    """New images end to end (one file, a folder or a file list): stage 1 with the run's own backbone, then
     the classifier; returns stage 2's predictions DataFrame (path, predicted, probability, top-k, unknown,
     ood_score, error), also written to ``out`` when given.
 
@@ -157,17 +203,10 @@ def predict(
 
     if out is not None:
         require_file_target(out)  # before extracting, not after
-    extract_fn = None
-    if engine == "ray":
-        from stage1_extract import extract
-
-        def extract_fn(source, fdir, **kwargs):
-            return extract(source, fdir, engine="ray", ray_address=ray_address, **kwargs)
-    elif engine != "local":
-        raise ValueError(f"engine must be 'local' or 'ray', not {engine!r}")
-    return Classifier.load(model_dir).predict(images, top_k=top_k, out=out, features_dir=features, weights=weights,
-                                              onnx=onnx, progress=progress, extract_fn=extract_fn,
-                                              **(stage1_options or {}))
+    options = _with_engine(stage1_options, engine, ray_address)
+    passed = {name: getattr(options, name) for name in PREDICT_STAGE1}
+    return Classifier.load(run).predict(images, top_k=top_k, out=out, features=features, weights=weights,
+                                        onnx=onnx, progress=progress, **passed)
 
 
 def compare(
@@ -175,10 +214,10 @@ def compare(
     backbones: Sequence[str],
     workdir: str | os.PathLike,
     *,
-    engine: str = "local",
+    engine: str | None = None,
     ray_address: str | None = None,
-    stage1_options: dict[str, Any] | None = None,
-    train_options: dict[str, Any] | None = None,
+    stage1_options=None,
+    train_options=None,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Extract with each backbone (cached), train the same head on each, and write a table and a bar chart.
@@ -189,13 +228,13 @@ def compare(
     fixed in the model). Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
     """
     rows = []
-    options = dict(train_options or {})
+    options = _train_options(train_options)
+    stage1 = _with_engine(stage1_options, engine, ray_address)
     for entry in backbones:
         kw = {"onnx": entry} if entry.endswith(".onnx") else {"backbone": entry}
-        result = run(images, workdir, engine=engine, ray_address=ray_address, stage1_options=stage1_options,
-                     train_options=options, progress=progress, **kw)
-        if not options.get("split_file"):
-            options["split_file"] = os.path.join(result.run_dir, "split.csv")
+        result = run(images, workdir, stage1_options=stage1, train_options=options, progress=progress, **kw)
+        if not options.split_file:
+            options = dataclasses.replace(options, split_file=os.path.join(result.run_dir, "split.csv"))
         val, test = result.metrics.get("validation", {}), result.metrics.get("test", {})
         rows.append({
             "backbone": result.backbone,
@@ -206,7 +245,7 @@ def compare(
             "extract_images_per_second": result.extraction.get("images_per_second"),
             "train_seconds": round(result.seconds["train"], 2),
             "run_dir": result.run_dir,
-            "split_file": options["split_file"],
+            "split_file": options.split_file,
         })
     from pipeline.report import write_comparison
 
