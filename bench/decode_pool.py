@@ -117,7 +117,7 @@ def _scenario_tree(name: str, args, tmp: Path) -> tuple[Path, int, dict, str]:
             dest.symlink_to(f)
             dest.read_bytes()  # warm the page cache
         return tree, len(files), {}, f"{len(files)} photos from {args.images} (real decoding)"
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
     from tests.support.faults import fault_env
 
     make_image_tree(tree, per_class=-(-args.n // 3), size=64)
@@ -150,7 +150,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_one(json.loads(args.part))))
         return 0
 
-    from tests.helpers import make_tiny_onnx
+    from tests.support.helpers import make_tiny_onnx
 
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     pools = ["this tree"] + ([args.compare_rev] if args.compare_rev else [])

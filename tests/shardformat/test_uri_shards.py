@@ -10,7 +10,7 @@ import pytest
 import shardformat
 from shardformat.layout import errors_path, meta_file
 from stage1_extract import extract
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 META = shardformat.ShardMetadata(
     backbone="test", weights_id="none", onnx_sha256="0" * 64,

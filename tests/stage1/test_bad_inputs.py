@@ -26,7 +26,7 @@ from PIL import Image
 import shardformat
 from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
-from tests.helpers import make_tiny_onnx, photo
+from tests.support.helpers import make_tiny_onnx, photo
 
 REPO = Path(__file__).resolve().parents[2]
 INPUT_SIZE = 32

@@ -236,7 +236,7 @@ def test_dicom_to_filelist_rsna_and_tcia_layouts(tmp_path, monkeypatch):
     import shardformat
     from stage1_extract import extract
     from stage1_extract.inputs.dicom_records import group_id
-    from tests.helpers import make_tiny_onnx
+    from tests.support.helpers import make_tiny_onnx
 
     conv = _load("dicom_to_filelist")
     salt = "filelist-test-salt-0123456789"

@@ -8,7 +8,7 @@ from PIL import Image
 
 from stage1_extract.model.registry import get_backbone
 from stage1_extract.decoding.image import DecodeError, decode_image, reference_preprocess, to_rgb
-from tests.helpers import photo
+from tests.support.helpers import photo
 
 PREP = get_backbone("efficientnet_lite0").preprocessing
 

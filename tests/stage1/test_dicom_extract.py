@@ -17,7 +17,7 @@ import shardformat  # noqa: E402
 from shardformat.layout import errors_path, meta_dir  # noqa: E402
 from stage1_extract import extract  # noqa: E402
 from stage1_extract.inputs.dicom_records import SALT_ENV, group_id, group_salt, salt_file  # noqa: E402
-from tests.helpers import make_dicom_tree, make_tiny_onnx  # noqa: E402
+from tests.support.helpers import make_dicom_tree, make_tiny_onnx  # noqa: E402
 
 SALT = "test-salt-0123456789abcdef"
 TINY = dict(input_size=32, progress=False)

@@ -9,7 +9,7 @@ import pytest
 from stage1_extract.model import export, registry, weights
 from stage1_extract.decoding.image import decode_image
 from stage1_extract.runtime.session import FeatureSession
-from tests.helpers import make_tiny_onnx, photo
+from tests.support.helpers import make_tiny_onnx, photo
 
 
 @pytest.fixture(scope="module")

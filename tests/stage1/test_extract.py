@@ -18,7 +18,7 @@ import shardformat
 from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
 from stage1_extract.run.lock import OutputLock, OutputLockedError
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 REPO = Path(__file__).resolve().parents[2]
 

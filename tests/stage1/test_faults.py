@@ -27,7 +27,7 @@ import shardformat
 from shardformat.layout import errors_path, meta_dir, meta_file
 from stage1_extract import extract
 from stage1_extract.run.lock import OutputLock
-from tests.helpers import make_image_tree, make_tiny_onnx, photo
+from tests.support.helpers import make_image_tree, make_tiny_onnx, photo
 
 REPO = Path(__file__).resolve().parents[2]
 SEED = int(os.environ.get("FAULTS_SEED", "20240601"))

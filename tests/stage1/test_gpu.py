@@ -4,7 +4,7 @@ CUDA graphs, the hardware JPEG decoder against PIL, TensorRT when its libraries 
 Marked ``gpu``; each test skips when no GPU is usable. The test suite hides GPUs by default
 (``tests/conftest.py``), so run these with one made visible:
 
-    CUDA_VISIBLE_DEVICES=0 python -m pytest -m gpu tests/test_gpu.py
+    CUDA_VISIBLE_DEVICES=0 python -m pytest -m gpu tests/stage1/test_gpu.py
 """
 
 import numpy as np
@@ -13,7 +13,7 @@ import pytest
 from shardformat.layout import errors_path
 from stage1_extract.model import export
 from stage1_extract.model.registry import get_backbone
-from tests.helpers import make_image_tree
+from tests.support.helpers import make_image_tree
 
 pytestmark = pytest.mark.gpu
 

@@ -25,7 +25,7 @@ from stage1_extract.runtime.session import (
     tensorrt_provider_options,
     trt_engine_dir,
 )
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 PREP = get_backbone("efficientnet_lite0").preprocessing
 

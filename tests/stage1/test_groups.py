@@ -16,7 +16,7 @@ import shardformat
 from shardformat import ShardMetadata
 from stage1_extract import extract
 from stage1_extract.inputs.listing import list_images
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 META = ShardMetadata("b", "w", "0" * 64, {"input_size": 1}, 3)
 

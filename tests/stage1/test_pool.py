@@ -20,7 +20,7 @@ import pytest
 from stage1_extract.decoding.image import decode_image
 from stage1_extract.decoding.pool import DecodePool, DecodePoolError
 from stage1_extract.model.preprocessing import Preprocessing
-from tests.helpers import make_image_tree
+from tests.support.helpers import make_image_tree
 from tests.support.faults import fault_env
 
 PREP = Preprocessing(32, 37)

@@ -18,7 +18,7 @@ import pytest
 import shardformat
 from shardformat.layout import errors_path, meta_file
 from stage1_extract import StrictModeError, extract
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 ray = pytest.importorskip("ray", reason="the Ray extra is not installed: pip install hybrid-transfer[ray]")
 from stage1_extract import extract_ray  # noqa: E402
@@ -255,7 +255,7 @@ def test_ray_engine_writes_groups_like_the_local_engine(tree, tiny, tmp_path):
 
 def test_dicom_folder_same_as_local_engine(tmp_path, tiny, monkeypatch):
     pytest.importorskip("pydicom")
-    from tests.helpers import make_dicom_tree
+    from tests.support.helpers import make_dicom_tree
 
     monkeypatch.setenv("HYBRID_TRANSFER_GROUP_SALT", "ray-test-salt-0123456789")
     root = tmp_path / "dicom"

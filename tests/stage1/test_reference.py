@@ -27,7 +27,7 @@ import shardformat
 from stage1_extract import extract, get_backbone
 from stage1_extract.model.weights import build_feature_model, weights_source
 from stage1_extract.decoding.image import decode_image, reference_preprocess
-from tests.helpers import make_image_tree, photo
+from tests.support.helpers import make_image_tree, photo
 
 BACKBONE = "efficientnet_lite0"
 PORTRAIT = {"space/rocket_portrait.png", "coffee/coffee_exif.jpg"}

@@ -23,7 +23,7 @@ import stage1_extract.run.plan as plan_module
 from stage1_extract import extract
 from stage1_extract.run.lock import OutputLock
 from shardformat import read_errors
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 from tests.support.faults import fault_env
 
 REPO = Path(__file__).resolve().parents[2]

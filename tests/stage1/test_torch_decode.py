@@ -7,7 +7,7 @@ import torch
 from stage1_extract.model.registry import get_backbone
 from stage1_extract.decoding.image import decode_image
 from stage1_extract.decoding.torch_decoder import TorchDecoder
-from tests.helpers import make_image_tree
+from tests.support.helpers import make_image_tree
 
 PREP = get_backbone("efficientnet_lite0").preprocessing
 

@@ -13,8 +13,8 @@ import pytest
 import shardformat
 from stage1_extract import extract
 from stage2_classify import Classifier, predict, train
-from tests.synthetic import write_synthetic_shards
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.synthetic import write_synthetic_shards
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(epochs=10, patience=3, batch_size=8, learning_rate=1e-2, progress=False)

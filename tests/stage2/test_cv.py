@@ -10,7 +10,7 @@ import pytest
 
 import shardformat
 from stage2_classify import cross_validate, load_dataset
-from tests.synthetic import synthetic_metadata, write_synthetic_shards
+from tests.support.synthetic import synthetic_metadata, write_synthetic_shards
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from stage2_classify.data.dataset import DatasetError, load_dataset
 from stage2_classify.evaluation.metrics import classification_metrics
 from stage2_classify.data.split import split_notes
 from stage2_classify.data.splitfile import split_from_file
-from tests.synthetic import write_synthetic_shards
+from tests.support.synthetic import write_synthetic_shards
 from stage2_classify.training.fit import class_weights, column_stats
 
 

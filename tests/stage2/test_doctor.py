@@ -10,7 +10,7 @@ import pytest
 
 import shardformat
 from stage2_classify.doctor import DoctorError, doctor
-from tests.synthetic import synthetic_metadata
+from tests.support.synthetic import synthetic_metadata
 
 CLASSES = ["ant", "bee", "cow", "dog"]
 
@@ -231,7 +231,7 @@ def test_without_oof_runs_cross_validation(planted, tmp_path):
 
 
 def test_unlabelled_or_single_class_shards_still_get_duplicates_and_outliers(tmp_path):
-    from tests.synthetic import write_synthetic_shards
+    from tests.support.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(tmp_path / "feats", counts=(30,), unlabelled=40, dim=16)
     result = doctor(shards, tmp_path / "out")
@@ -244,7 +244,7 @@ def test_unlabelled_or_single_class_shards_still_get_duplicates_and_outliers(tmp
 def test_thumbnails_come_from_the_root_stage1_recorded(tmp_path):
     from stage1_extract import extract
     from shardformat.layout import read_run_summary
-    from tests.helpers import make_image_tree, make_tiny_onnx
+    from tests.support.helpers import make_image_tree, make_tiny_onnx
 
     images = make_image_tree(tmp_path / "images", per_class=6)
     extract(images, tmp_path / "feats", onnx=make_tiny_onnx(tmp_path / "tiny.onnx"), input_size=32, batch_size=8,

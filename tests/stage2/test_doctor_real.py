@@ -11,7 +11,7 @@ import pytest
 from stage1_extract import extract
 from stage2_classify import train
 from stage2_classify.doctor import doctor
-from tests.dirty_set import make_dirty_animals
+from tests.support.dirty_set import make_dirty_animals
 
 pytestmark = pytest.mark.slow
 

@@ -82,7 +82,7 @@ def test_old_keyword_names_still_work_with_a_warning(tmp_path):
 def test_train_leaves_matplotlibs_backend_as_it_found_it(tmp_path):
     import matplotlib
 
-    from tests.synthetic import write_synthetic_shards
+    from tests.support.synthetic import write_synthetic_shards
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # a notebook's backend, as far as training can tell: anything but Agg

@@ -12,7 +12,7 @@ import pytest
 
 import shardformat
 from stage2_classify import RunDirError, evaluate, load_dataset, load_run, predict, train
-from tests.synthetic import write_synthetic_shards
+from tests.support.synthetic import write_synthetic_shards
 
 FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
 CLASSES = ["class_0", "class_1", "class_2"]

@@ -17,7 +17,7 @@ from stage1_extract import extract
 from stage2_classify import train
 from stage2_classify.doctor import doctor
 from stage2_classify.reports.run_report import write_run_report
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)

@@ -12,7 +12,7 @@ from PIL import Image
 from stage2_classify import train
 from stage2_classify.runs.writer import check_replaceable
 from stage2_classify.reports.run_report import write_run_report
-from tests.synthetic import write_synthetic_shards
+from tests.support.synthetic import write_synthetic_shards
 
 SECTIONS = {"summary", "metrics", "per-class", "confusion", "calibration", "curves", "misclassified"}
 

@@ -14,7 +14,7 @@ import pytest
 import shardformat
 from stage2_classify import RunDirError, evaluate, load_dataset, load_run, predict, sweep, train
 from stage2_classify.data.split import content_split, split_notes, unit_keys
-from tests.synthetic import synthetic_metadata, write_synthetic_shards
+from tests.support.synthetic import synthetic_metadata, write_synthetic_shards
 
 FAST = dict(epochs=8, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
 

@@ -11,7 +11,7 @@ import pytest
 
 from stage2_classify import sweep
 from stage2_classify.cli import build_parser, main
-from tests.synthetic import write_synthetic_shards
+from tests.support.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CONSOLE_SCRIPT = Path(sys.executable).with_name("stage2-classify")

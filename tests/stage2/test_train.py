@@ -11,7 +11,7 @@ import pytest
 
 from shardformat import ShardMetadata
 from stage2_classify import DatasetError, RunDirError, TrainOptions, load_dataset, load_run, train
-from tests.synthetic import write_synthetic_shards
+from tests.support.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)

@@ -30,7 +30,7 @@ from shardformat import METADATA_KEY, IncompatibleShardsError, ShardFormatError,
 from stage1_extract.model.registry import get_backbone
 from stage1_extract.model.weights import WeightsUnavailableError, weights_source
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------- crafted pickles
@@ -85,7 +85,7 @@ def test_crafted_weights_refused_before_any_export(tmp_path):
 
 
 def test_crafted_weights_via_the_cli(tmp_path):
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     path, marker = _crafted_weights(tmp_path, "torch-zip")
     make_image_tree(tmp_path / "imgs", per_class=1)  # an empty folder is refused before the weights are read
@@ -321,7 +321,7 @@ def test_shards_that_are_not_ours_are_refused_clearly(tmp_path, case):
 
 
 def test_stage1_refuses_to_add_to_a_folder_of_foreign_shards(tmp_path):
-    from tests.helpers import make_image_tree, make_tiny_onnx
+    from tests.support.helpers import make_image_tree, make_tiny_onnx
 
     d = _written_by_pandas(tmp_path)
     images = make_image_tree(tmp_path / "images", per_class=1, size=48)

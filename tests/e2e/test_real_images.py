@@ -12,7 +12,7 @@ import pytest
 
 from stage1_extract import extract
 from stage2_classify import Classifier, train
-from tests.helpers import photo
+from tests.support.helpers import photo
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field")

@@ -44,7 +44,7 @@ def test_read_json_is_defensive_only_when_asked(tmp_path):
 
 def test_sweep_on_full_disk_names_the_file_and_leaves_no_temporary(tmp_path, monkeypatch):
     from stage2_classify import sweep
-    from tests.synthetic import write_synthetic_shards
+    from tests.support.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(tmp_path / "shards", counts=(20, 20), dim=8)
     out = tmp_path / "sweep"
@@ -59,7 +59,7 @@ def test_training_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
     import pathlib
 
     from stage2_classify import train
-    from tests.synthetic import write_synthetic_shards
+    from tests.support.synthetic import write_synthetic_shards
 
     shards = write_synthetic_shards(tmp_path / "shards", counts=(20, 20), dim=8)
     real = pathlib.Path.write_text
@@ -113,7 +113,7 @@ def test_pipeline_run_survives_an_empty_speed_file(tmp_path, monkeypatch):
 
 @pytest.fixture()
 def tiny(tmp_path_factory):
-    from tests.helpers import make_tiny_onnx
+    from tests.support.helpers import make_tiny_onnx
 
     return make_tiny_onnx(tmp_path_factory.mktemp("onnx") / "tiny.onnx")
 
@@ -131,7 +131,7 @@ def test_everyday_globs_read_exactly_the_feature_rows(tmp_path, tiny):
     import pyarrow.parquet as pq
 
     from shardformat.layout import errors_path
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=3)
     (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -150,7 +150,7 @@ def test_errors_table_of_an_older_version_is_read_and_moved_out_of_the_shard_fol
     import pyarrow.parquet as pq
 
     from shardformat.layout import errors_path
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=2)
     (images / "cat" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
@@ -170,7 +170,7 @@ def test_errors_table_of_an_older_version_is_read_and_moved_out_of_the_shard_fol
 
 def test_a_link_to_a_sibling_class_never_takes_its_images(tmp_path, tiny):
     from stage1_extract.inputs.listing import list_images
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=2)
     os.symlink("../coffee", images / "cat" / "more")  # sorts before coffee: used to relabel coffee as cat
@@ -194,7 +194,7 @@ def test_a_link_to_a_sibling_class_never_takes_its_images(tmp_path, tiny):
 
 def test_a_real_link_loop_is_still_called_one(tmp_path):
     from stage1_extract.inputs.listing import list_images
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=1)
     os.symlink("..", images / "cat" / "up")
@@ -203,7 +203,7 @@ def test_a_real_link_loop_is_still_called_one(tmp_path):
 
 
 def test_a_hidden_class_folder_is_reported_not_silently_dropped(tmp_path, tiny):
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=1, classes=("cat", "coffee"))
     (images / ".space").mkdir()
@@ -219,7 +219,7 @@ def test_images_are_recognised_by_content_not_only_by_extension(tmp_path, tiny):
     from PIL import Image, features
 
     from stage1_extract.inputs.listing import list_images
-    from tests.helpers import photo
+    from tests.support.helpers import photo
 
     cls = tmp_path / "imgs" / "cat"
     cls.mkdir(parents=True)
@@ -248,7 +248,7 @@ def test_a_rerun_re_extracts_rows_with_nan_features(tmp_path, tiny):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=2)
     out = tmp_path / "out"
@@ -275,7 +275,7 @@ def test_a_rerun_re_extracts_rows_with_nan_features(tmp_path, tiny):
 def test_ctrl_c_keeps_the_rows_already_computed_and_says_how_many(tmp_path, tiny, monkeypatch):
     from stage1_extract.runtime import session as session_module
     from stage1_extract.run.writer import Interrupted
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=4)
     real_run, calls = session_module.FeatureSession.run, []
@@ -302,7 +302,7 @@ def test_shards_are_also_written_by_time(tmp_path, monkeypatch):
     import numpy as np
 
     import stage1_extract.run.writer as writer_module
-    from tests.synthetic import synthetic_metadata
+    from tests.support.synthetic import synthetic_metadata
 
     clock = [1000.0]
     monkeypatch.setattr(writer_module.time, "monotonic", lambda: clock[0])
@@ -335,7 +335,7 @@ def _stage1_cli(*args):
 def test_an_out_that_is_a_file_gets_one_clear_message(tmp_path, tiny, capsys):
     from pipeline.cli import main as pipeline_main
     from stage1_extract.cli import main as stage1_main
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=1)
     taken = tmp_path / "err"
@@ -379,7 +379,7 @@ def test_stage1_and_pipeline_on_an_empty_folder_fail_clearly(tmp_path, tiny, cap
 def test_degenerate_training_sets_get_a_clear_message(tmp_path, capsys):
     from stage2_classify.cli import main
     from stage2_classify.data.dataset import DatasetError, load_dataset
-    from tests.synthetic import write_synthetic_shards
+    from tests.support.synthetic import write_synthetic_shards
 
     few = write_synthetic_shards(tmp_path / "few", counts=(2, 3), shards=1)  # --images at one class folder
     with pytest.raises(DatasetError, match="too little data") as info:
@@ -414,7 +414,7 @@ def test_a_pickle_named_model_keras_is_called_what_it_is(tmp_path):
 
 def test_provider_cuda_without_a_gpu_prints_only_our_message(tmp_path, tiny):
     from stage1_extract.runtime.session import _gpu_visible
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     if _gpu_visible():
         pytest.skip("a GPU is visible: --provider cuda works here")
@@ -428,7 +428,7 @@ def test_provider_cuda_without_a_gpu_prints_only_our_message(tmp_path, tiny):
 
 
 def test_no_progress_bar_in_a_redirected_log(tmp_path, tiny):
-    from tests.helpers import make_image_tree
+    from tests.support.helpers import make_image_tree
 
     images = make_image_tree(tmp_path / "imgs", per_class=2)
     r = _stage1_cli("--images", images, "--out", tmp_path / "out", "--onnx", tiny, "--input-size", 32)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import pipeline
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TRAIN = dict(epochs=10, patience=3, batch_size=16, learning_rate=1e-2)
 
 

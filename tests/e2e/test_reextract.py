@@ -11,7 +11,7 @@ import pytest
 import pipeline
 from stage1_extract import extract
 from stage2_classify import train
-from tests.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_image_tree, make_tiny_onnx
 
 FAST = dict(epochs=8, patience=3, batch_size=8, learning_rate=1e-2, hidden=(), progress=False)
 
