@@ -22,7 +22,6 @@ MATMUL_PRECISIONS = ("highest", "high", "medium")
 RANK_KEYS = ("val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss")
 CV_HEADS = ("linear", "train")
 NEIGHBOUR_BACKENDS = ("auto", "exact", "usearch")
-PROVIDERS = ("auto", "cuda", "cpu", "tensorrt")  # where stage 1 runs the backbone for predictions on images
 IMBALANCE_RATIO = 1.5  # class_weight="auto" balances when the largest class is more than this × the smallest
 
 

@@ -169,3 +169,9 @@ def test_functions_stay_short(package):
                 if length > MAX_FUNCTION_LINES:
                     long.append(f"{module}.{node.name}: {length} lines")
     assert not long, f"functions over {MAX_FUNCTION_LINES} lines:\n" + "\n".join(long)
+
+
+def test_architecture_page_names_every_module():
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    missing = [str(p.relative_to(ROOT)) for p in MODULES.values() if f"`{p.relative_to(ROOT)}`" not in page]
+    assert not missing, f"docs/architecture.md has no line for: {missing}"

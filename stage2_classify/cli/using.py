@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from hybrid_common import add_options, add_progress_flag
 from stage2_classify.cli.common import EPILOG, RAW, add_features_flag, add_run_flag
-from stage2_classify.options import PROVIDERS, PredictOptions
+from stage1_extract.options import ExtractOptions
+from stage2_classify.options import PredictOptions
 
 EVALUATE_DESCRIPTION = ("Accuracy, balanced accuracy, macro-F1, per-class precision/recall/specificity/F1, ROC AUC, "
                         "log-loss, calibration and 95%% bootstrap intervals of a trained run on every labelled row "
@@ -38,11 +39,12 @@ def add_parsers(sub) -> None:
     add_run_flag(p)
     p.add_argument("--out", required=True, help="output file: Parquet, or CSV when the name ends in .csv")
     add_options(p, PredictOptions)
-    p.add_argument("--weights", default=None, help="with --images: the --weights file the run's backbone used")
-    p.add_argument("--onnx", default=None, help="with --images: the user ONNX model the run was trained on")
-    p.add_argument("--provider", choices=PROVIDERS, default="auto",
-                   help="with --images: where stage 1 runs the backbone (default auto: CUDA when usable)")
-    p.add_argument("--batch-size", type=int, default=None, help="with --images: stage 1's inference batch size")
+    # the backbone's flags are stage 1's own (one definition of each, choices included)
+    add_options(p, ExtractOptions, only=("weights", "onnx", "provider", "batch_size"),
+                help={"weights": "with --images: the --weights file the run's backbone used",
+                      "onnx": "with --images: the user ONNX model the run was trained on",
+                      "provider": "with --images: where stage 1 runs the backbone (auto: CUDA when usable)",
+                      "batch_size": "with --images: stage 1's inference batch size"})
     add_progress_flag(p)
     p.set_defaults(handler=run_predict, check=check_predict)
 
