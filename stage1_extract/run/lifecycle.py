@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import glob
-import hashlib
 import logging
 import os
 import platform

@@ -14,7 +14,6 @@ import threading
 import time
 
 import numpy as np
-import pyarrow as pa
 
 from shardformat import ShardMetadata, atomic_write_json, shard_name, write_shard
 from shardformat.layout import meta_file
