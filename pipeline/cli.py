@@ -8,7 +8,6 @@ defaults, choices and help texts are the stages' own (``docs/glossary.md``).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
 from hybrid_common import add_options, add_progress_flag, options_from_args
@@ -84,8 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage1_options(args) -> ExtractOptions:
     """The stage-1 options of a parsed command line; the backbone flags travel separately (cache naming)."""
-    given = {name: getattr(args, name) for name in STAGE1}
-    return dataclasses.replace(ExtractOptions(), **given)
+    return options_from_args(ExtractOptions, args, only=STAGE1)
 
 
 def _train_options(args) -> TrainOptions:

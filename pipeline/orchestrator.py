@@ -85,17 +85,13 @@ def _options(cls, given, what: str):
     raise TypeError(f"{what} must be a {cls.__name__} or a dict of its fields, not {type(given).__name__}")
 
 
-def _stage1_options(given) -> dict[str, Any]:
-    from stage1_extract import ExtractOptions
-
-    return _options(ExtractOptions, given, "stage1_options").as_kwargs()
-
-
 def _extract(images, fdir: str, *, backbone=None, weights=None, onnx=None, input_size=None, progress=True,
              stage1_options=None) -> dict[str, Any]:
-    from stage1_extract import extract
+    """Stage 1 into ``fdir`` with ``stage1_options`` (an ExtractOptions; None: the defaults) and this cache's
+    backbone."""
+    from stage1_extract import ExtractOptions, extract
 
-    kwargs = {**_stage1_options(stage1_options), "backbone": None if onnx else backbone, "weights": weights,
+    kwargs = {**(stage1_options or ExtractOptions()).as_kwargs(), "backbone": None if onnx else backbone, "weights": weights,
               "onnx": onnx, "input_size": input_size, "progress": progress}
     summary = extract(images, fdir, **kwargs)  # the engine (local or Ray) is stage 1's choice, from the options
     if progress:
