@@ -46,6 +46,10 @@ class ShardMetadata:
     precision: str = "fp32"
     versions: dict[str, str] = dataclasses.field(default_factory=dict)
     format_version: int = FORMAT_VERSION
+    #: where a fine-tuned backbone came from (empty for pretrained ones): ``kind``, ``base_backbone``,
+    #: ``base_weights_id``, ``run``, ``split_sha256``, ``weights_sha256`` (docs/shard-format.md). Its weights_id
+    #: differs from the pretrained one, so such vectors are never mixed with pretrained vectors.
+    provenance: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -68,7 +72,8 @@ class ShardMetadata:
         if missing:
             raise ShardFormatError(f"shard metadata lacks {sorted(missing)}")
         for key, kind in (("backbone", str), ("weights_id", str), ("onnx_sha256", str), ("feature_dtype", str),
-                          ("precision", str), ("preprocessing", dict), ("versions", dict)):
+                          ("precision", str), ("preprocessing", dict), ("versions", dict),
+                          ("provenance", dict)):
             if key in raw and not isinstance(raw[key], kind):  # a foreign file; would break messages and keys later
                 raise ShardFormatError(f"shard metadata {key!r} should be a {kind.__name__}, found {raw[key]!r}")
         meta = cls(**{k: v for k, v in raw.items() if k in known})
@@ -82,7 +87,10 @@ class ShardMetadata:
         return compatibility_key(self)
 
     def describe(self) -> str:
-        return f"backbone={self.backbone} weights={self.weights_id[:24]} dim={self.feature_dim}"
+        text = f"backbone={self.backbone} weights={self.weights_id[:24]} dim={self.feature_dim}"
+        if self.provenance.get("kind") == "finetuned":
+            text += f" (fine-tuned on run {self.provenance.get('run')}, input {self.preprocessing.get('input_size')} px)"
+        return text
 
 
 def compatibility_key(meta: ShardMetadata) -> str:

@@ -31,6 +31,11 @@ _PUBLIC = {
     "Pixels": "stage1_extract.model.deploy",
     "find_model": "stage1_extract.model.deploy",
     "load_pixels": "stage1_extract.model.deploy",
+    "content_id": "stage1_extract.decoding.files",
+    "TorchBackbone": "stage1_extract.model.finetuned",
+    "torch_backbone": "stage1_extract.model.finetuned",
+    "read_finetuned": "stage1_extract.model.finetuned",
+    "write_finetuned": "stage1_extract.model.finetuned",
 }
 
 __all__ = sorted(_PUBLIC)

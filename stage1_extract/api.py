@@ -29,6 +29,7 @@ def extract(
     backbone: str | None = O.backbone,
     weights: str | os.PathLike | None = O.weights,
     onnx: str | os.PathLike | None = O.onnx,
+    backbone_from: str | os.PathLike | None = O.backbone_from,
     input_size: int | None = O.input_size,
     resize: int | None = O.resize,
     mean: tuple[float, float, float] | None = O.mean,
@@ -71,7 +72,8 @@ def extract(
     Each image's ``group`` (e.g. a patient) comes from a file list's ``group`` column, or from ``group_regex``
     (one capture group, searched in the relative path); stage 2 never splits a group. DICOM rows without one
     get a salted hash of their PatientID (``dicom_group="study"``: StudyInstanceUID; ``"none"``: no group; the
-    salt: see :mod:`stage1_extract.inputs.dicom_records`). ``dicom_frames="all"``: one row per frame of a
+    salt: see :mod:`stage1_extract.inputs.dicom_records`). ``backbone_from``: a fine-tuned run directory
+    (``stage2-classify finetune``): its backbone, weights and input size, recorded as the shards' provenance. ``dicom_frames="all"``: one row per frame of a
     multi-frame DICOM (path ``scan.dcm#frame=3``, 1-based) instead of its first frame only.
     """
     given = locals()  # the arguments, nothing else yet

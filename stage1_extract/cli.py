@@ -15,7 +15,7 @@ from stage1_extract.options import ExtractOptions
 
 #: the order of the flags in --help: what to read and write first, then the model, then how to run it
 _INPUT = ("group_regex", "dicom_group", "dicom_frames")
-_MODEL = ("backbone", "weights", "onnx", "input_size", "resize", "mean", "std", "interpolation")
+_MODEL = ("backbone", "weights", "backbone_from", "onnx", "input_size", "resize", "mean", "std", "interpolation")
 _RUN = ("batch_size", "provider", "precision", "workers", "threads", "shard_size", "draft", "decode")
 
 
@@ -28,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
         "  stage1-extract --images data/animal_mnist --out work/features\n"
         "  stage1-extract --images photos.csv --out feats --backbone resnet50 --provider cuda --precision fp16\n"
         "  stage1-extract --images imgs --out feats --onnx my_model.onnx --input-size 224\n"
+        "  stage1-extract --images imgs --out feats-ft --backbone-from work/runs/finetuned\n"
         "  stage1-extract --list-backbones",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

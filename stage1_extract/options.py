@@ -53,9 +53,13 @@ class ExtractOptions:
     backbone: str | None = option(None, help="registry name (default efficientnet_lite0; see --list-backbones)")
     weights: str | None = option(None, help="state_dict file for the backbone (torch.load weights_only)")
     onnx: str | None = option(None, help="bring your own ONNX model (N×3×H×W float input) instead of --backbone")
+    backbone_from: str | None = option(None, help="a fine-tuned run directory (stage2-classify finetune): its backbone, "
+                                       "weights and input size; the shards record where they came from")
     input_size: int | None = option(None, parse=int,
-                                    help="--onnx: square input size (read from the model if fixed)")
-    resize: int | None = option(None, parse=int, help="--onnx: shorter side before centre crop (default input/0.875)")
+                                    help="square input size: --onnx (read from the model if fixed) or a registry "
+                                    "backbone at another resolution")
+    resize: int | None = option(None, parse=int,
+                                help="shorter side before centre crop (default: input size / the backbone's crop ratio)")
     mean: tuple[float, float, float] | None = option(None, parse=parse_triple,
                                                      help="--onnx: RGB mean on the 0–1 scale (default ImageNet)")
     std: tuple[float, float, float] | None = option(None, parse=parse_triple,

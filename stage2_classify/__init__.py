@@ -10,6 +10,7 @@ Public API::
     predict("new_features/", "runs/first", "preds.csv")
     rows = sweep("features/", "sweeps/a", hidden=[(), (256,), (512,)], dropout=[0.2, 0.4])
     cv = cross_validate("features/", "cv/a", folds=5)  # out-of-fold probabilities for every image
+    ft = finetune("runs/first", "runs/tuned", input_size=128)  # the backbone fine-tuned end to end (LP-FT)
 
 Training reads only Parquet shards through ``shardformat`` (``docs/shard-format.md``), never images;
 prediction on images has them extracted by stage 1's public ``stage1_extract.extract``.
@@ -54,7 +55,9 @@ from stage2_classify.runs.load import load_run  # noqa: E402
 from stage2_classify.evaluation.evaluate import EvaluationResult, evaluate  # noqa: E402
 from stage2_classify.inference.classifier import Classifier  # noqa: E402
 from stage2_classify.inference.predict import predict  # noqa: E402
+from stage2_classify.finetuning.options import FinetuneOptions  # noqa: E402
+from stage2_classify.finetuning.api import FinetuneResult, finetune  # noqa: E402
 
 __all__ = ["BackendError", "CVResult", "Classifier", "Dataset", "DatasetError", "DoctorError", "EvaluationResult",
-           "ExportError", "RunDirError", "Stage2Error", "TrainOptions", "TrainResult", "check_backend",
-           "cross_validate", "evaluate", "load_dataset", "load_run", "predict", "sweep", "train"]
+           "ExportError", "FinetuneOptions", "FinetuneResult", "RunDirError", "Stage2Error", "TrainOptions", "TrainResult", "check_backend",
+           "cross_validate", "evaluate", "finetune", "load_dataset", "load_run", "predict", "sweep", "train"]

@@ -41,7 +41,8 @@ def run_extraction(images: str | os.PathLike, out: str | os.PathLike, options: E
                                dicom_group=options.dicom_group, group_salt=options.group_salt)
     model = prepare_model(options.backbone, weights=options.weights, onnx=options.onnx,
                           precision=options.precision, input_size=options.input_size, resize=options.resize,
-                          mean=options.mean, std=options.std, interpolation=options.interpolation)
+                          mean=options.mean, std=options.std, interpolation=options.interpolation,
+                          backbone_from=options.backbone_from)
     with open_run(listing, out, model, provider=options.provider, strict=options.strict, t_start=t_start) as run:
         if run.todo:
             engine.process(run, model)

@@ -77,8 +77,11 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
         model = prepare_model(onnx=onnx, input_size=prep.input_size, resize=prep.resize,
                               interpolation=prep.interpolation, mean=tuple(m / 255 for m in prep.mean),
                               std=tuple(s / 255 for s in prep.std))
+    elif meta.provenance.get("kind") == "finetuned":
+        model = _finetuned_model(meta, weights, precision)
     else:
-        model = prepare_model(meta.backbone, weights=weights, precision=precision)
+        model = prepare_model(meta.backbone, weights=weights, precision=precision, input_size=prep.input_size,
+                              resize=prep.resize)
     made = shard_metadata(model)
     if made.compatibility_key() != meta.compatibility_key():
         hint = " (the run was trained with --weights: pass the same file)" if meta.weights_id != made.weights_id \
@@ -87,6 +90,21 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
             f"the extractor available now ({made.describe()}) does not make the vectors this model was trained on "
             f"({meta.describe()}){hint}")
     return model
+
+
+def _finetuned_model(meta: ShardMetadata, weights, precision: str) -> ExtractorModel:
+    """A fine-tuned backbone's extractor: from the run directory it was written to (``weights=``: that directory,
+    its ``finetune.json`` or its ``backbone.safetensors``, when the run was moved)."""
+    from stage1_extract.model.finetuned import FINETUNE_FILE
+
+    where = weights if weights is not None else meta.provenance.get("directory")
+    if where is None:
+        raise InputNotFoundError("the vectors were made by a fine-tuned backbone whose run directory is unknown; "
+                                 "pass it (weights=RUN_DIR / --weights RUN_DIR)")
+    where = os.fspath(where)
+    if os.path.isfile(where) and not where.endswith(FINETUNE_FILE):
+        where = os.path.dirname(where)
+    return prepare_model(backbone_from=where, precision=precision)
 
 
 @dataclasses.dataclass

@@ -43,6 +43,8 @@ class ExtractorModel:
     preprocessing: Preprocessing
     feature_dim: int
     precision: str
+    #: where a fine-tuned backbone came from (``--backbone-from``; :mod:`stage1_extract.model.finetuned`), else None
+    provenance: dict | None = None
 
 
 def cache_dir() -> Path:
@@ -131,15 +133,21 @@ def export_backbone(
     weights: str | os.PathLike | None = None,
     precision: str = "fp32",
     force: bool = False,
+    input_size: int | None = None,
+    resize: int | None = None,
+    provenance: dict | None = None,
 ) -> ExtractorModel:
-    """Return the cached, verified ONNX extractor for a registry backbone, exporting it if needed."""
+    """Return the cached, verified ONNX extractor for a registry backbone, exporting it if needed.
+
+    ``input_size``/``resize`` override the spec's (a backbone fine-tuned at a lower resolution);
+    ``provenance`` is recorded as given (see :mod:`stage1_extract.model.finetuned`)."""
     import onnx
 
     spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
     if precision not in TOLERANCE:
         raise OptionError(f"precision must be fp32 or fp16, not {precision!r}")
     source = weights_source(spec, weights)
-    prep = spec.preprocessing
+    prep = spec.preprocessing.at_size(input_size, resize)
     key_fields = {"backbone": spec.name, "weights": source.weights_id, "opset": OPSET, "precision": precision,
                   "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
     onnx_path, info_path, info = _cached(key_fields, f"{spec.name}-{precision}")
@@ -160,6 +168,7 @@ def export_backbone(
         preprocessing=prep,
         feature_dim=int(info["feature_dim"]),
         precision=precision,
+        provenance=provenance,
     )
 
 
@@ -221,12 +230,21 @@ def wrap_user_onnx(
 
 
 def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
-                  input_size=None, resize=None, mean=None, std=None, interpolation=None) -> ExtractorModel:
-    """The ONNX extractor for a registry backbone (exported and cached) or for a user's ONNX file."""
+                  input_size=None, resize=None, mean=None, std=None, interpolation=None,
+                  backbone_from=None) -> ExtractorModel:
+    """The ONNX extractor for a registry backbone (exported and cached), a fine-tuned one (``backbone_from``: a
+    fine-tuned run directory) or a user's ONNX file. ``input_size``/``resize`` apply to registry backbones too."""
+    if backbone_from is not None:
+        from stage1_extract.model.finetuned import read_finetuned
+
+        tuned = read_finetuned(backbone_from, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size)
+        return export_backbone(tuned.backbone, weights=tuned.weights, precision=precision,
+                               input_size=tuned.input_size, resize=tuned.resize, provenance=tuned.provenance)
     if onnx is not None:
         kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
                                         interpolation=interpolation).items() if v is not None}
         return wrap_user_onnx(onnx, **kwargs)
     from stage1_extract.model.registry import DEFAULT_BACKBONE
 
-    return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision)
+    return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision,
+                           input_size=input_size, resize=resize)

@@ -39,6 +39,17 @@ class Preprocessing:
             std=tuple(round(float(s) * 255, 6) for s in std),
         )
 
+    def at_size(self, input_size: int | None, resize: int | None = None) -> "Preprocessing":
+        """This preprocessing at another input size (a backbone fine-tuned at a lower resolution is used at that
+        resolution); the resize keeps this crop ratio unless given."""
+        if input_size is None or (int(input_size) == self.input_size and resize in (None, self.resize)):
+            return self
+        size = int(input_size)
+        if size < 32:
+            raise OptionError(f"--input-size {size}: too small for an ImageNet CNN (use at least 32)")
+        return dataclasses.replace(self, input_size=size,
+                                   resize=int(resize or round(size * self.resize / self.input_size)))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,

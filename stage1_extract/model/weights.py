@@ -43,6 +43,14 @@ class WeightsSource:
 def _load_file(path: Path) -> dict:
     import torch
 
+    if path.suffix == ".safetensors":  # a fine-tuned backbone (stage2-classify finetune): tensors only, by design
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as exc:
+            raise WeightsUnavailableError(f"{path}: not a readable safetensors file ({exc}); copy it again or "
+                                          "fine-tune again") from None
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # weights_only refuses pickled code: say so plainly
@@ -118,6 +126,9 @@ def build_torch_classifier(spec: BackboneSpec, state_dict: dict):
 
         model = timm.create_model(spec.arch, pretrained=False)
         own = model.state_dict()
+        if set(own) == set(state_dict):  # timm's own names (a fine-tuned backbone): by name, in any order
+            model.load_state_dict(state_dict)
+            return model.eval()
         if len(own) != len(state_dict):
             raise WeightsUnavailableError(
                 f"weights for {spec.name} have {len(state_dict)} tensors, {spec.arch} expects {len(own)}"
@@ -148,9 +159,16 @@ def build_torch_classifier(spec: BackboneSpec, state_dict: dict):
 
 def build_feature_model(spec: BackboneSpec, state_dict: dict):
     """A torch module mapping normalised NCHW float input to the pooled (N, feature_dim) vector."""
+    return feature_view(spec, build_torch_classifier(spec, state_dict))
+
+
+def feature_view(spec: BackboneSpec, model):
+    """``model`` (the full ImageNet classifier) seen as a feature extractor: its pooled vector, not its logits.
+
+    Lite backbones are wrapped (``.net`` is the classifier, untouched); torchvision ones have their feature layer
+    replaced by ``Identity`` in place. :func:`classifier_state_dict` turns either back into a full state_dict."""
     import torch
 
-    model = build_torch_classifier(spec, state_dict)
     if spec.family == "lite":
 
         class Pooled(torch.nn.Module):
@@ -171,3 +189,14 @@ def build_feature_model(spec: BackboneSpec, state_dict: dict):
     else:
         setattr(parent, last, torch.nn.Identity())
     return model.eval()
+
+
+def classifier_state_dict(spec: BackboneSpec, features, original: dict) -> dict:
+    """The full classifier state_dict of a (possibly fine-tuned) :func:`feature_view`, in the layout ``--weights``
+    loads: for torchvision the replaced feature layer's tensors come from ``original``, untouched."""
+    if spec.family == "lite":
+        return {k: v.detach().contiguous() for k, v in features.net.state_dict().items()}
+    state = {k: v.detach().contiguous() for k, v in features.state_dict().items()}
+    removed = spec.feature_layer + "."
+    state.update({k: v for k, v in original.items() if k.startswith(removed)})
+    return state

@@ -116,6 +116,7 @@ def shard_metadata(model) -> ShardMetadata:
         feature_dim=model.feature_dim,
         precision=model.precision,
         versions=versions(),
+        provenance=dict(getattr(model, "provenance", None) or {}),
     )
 
 

@@ -174,6 +174,13 @@ class Classifier:
 
         return export(self, out, precision=precision, images=images, **kwargs)
 
+    def finetune(self, out: str | os.PathLike, *, images=None, **kwargs) -> "Classifier":
+        """Fine-tune this run's backbone end to end from its head (LP-FT) into the run directory ``out``, and
+        load it (see :func:`stage2_classify.finetuning.api.finetune` for the options)."""
+        from stage2_classify.finetuning.api import finetune
+
+        return Classifier.load(finetune(self.run_dir, out, images=images, **kwargs).run_dir)
+
     def __repr__(self) -> str:
         return (f"Classifier({os.fspath(self.run_dir)!r}, {len(self.classes)} classes, "
                 f"backbone={self.metadata.backbone}, dim={self.metadata.feature_dim})")

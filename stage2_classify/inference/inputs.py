@@ -125,7 +125,13 @@ def from_images(images, metadata: ShardMetadata, *, features=None, weights=None,
             f"{_digest(os.path.realpath(source_path))}", None
     out = Path(features) if features else by_backbone / key / "features"
     backbone = None if metadata.backbone.startswith("onnx:") else metadata.backbone
-    if backbone is None and onnx is None:
+    if metadata.provenance.get("kind") == "finetuned":  # a fine-tuned run's own backbone (stage 1 --backbone-from)
+        stage1_options["backbone_from"] = os.fspath(weights or metadata.provenance.get("directory"))
+        backbone = weights = None
+    elif backbone is not None:  # the resolution the vectors were made at
+        stage1_options.setdefault("input_size", metadata.preprocessing.get("input_size"))
+        stage1_options.setdefault("resize", metadata.preprocessing.get("resize"))
+    if backbone is None and onnx is None and "backbone_from" not in stage1_options:
         raise ValueError(f"the model was trained on vectors of a user ONNX model ({metadata.backbone}); "
                          "pass the same file (onnx=... / --onnx FILE) to predict on images")
     extra = {}

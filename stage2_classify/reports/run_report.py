@@ -180,5 +180,10 @@ def write_run_report(run: str | os.PathLike, out: str | os.PathLike | None = Non
                                                   "line is the epoch whose weights were kept")),
         ("misclassified", "Misclassified test images", gallery),
     ]
+    from stage2_classify.reports.comparison import comparison_section
+
+    tuned = comparison_section(run)  # a fine-tuned run: frozen vs fine-tuned, second on the page
+    if tuned is not None:
+        sections.insert(1, tuned)
     target = Path(out) if out is not None else run / "report.html"
     return write_html(target, page("Training run report", f"{run.name} · {len(classes)} classes", sections))

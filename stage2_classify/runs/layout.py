@@ -15,6 +15,7 @@ KNOWN = set(REQUIRED) | {"history.json", "split.json", "split.csv", "predictions
                          "confusion_matrix.png", "reliability.png"}
 KNOWN |= {"ood.npz"}  # the open-set detector (stage2_classify/inference/ood.py)
 
+KNOWN |= {"backbone.safetensors", "finetune.json", "comparison.json"}  # a fine-tuned run (stage2_classify/finetuning/)
 KNOWN |= {"report.html"}  # stage2_classify.reports.run_report writes it into the run directory
 LABELS_HASH_KEY = "labels_sha256"
 

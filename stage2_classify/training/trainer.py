@@ -14,6 +14,7 @@ from stage2_classify.backend import check_backend
 from stage2_classify.data.dataset import Dataset, load_dataset
 from stage2_classify.data.split import split_notes
 from stage2_classify.errors import DatasetError
+from stage2_classify.finetuning.provenance import overlap_notes
 from stage2_classify.evaluation.metrics import format_metric, majority_rate
 from stage2_classify.options import TrainOptions
 from stage2_classify.training.fit import FittedHead, fit_head, make_split, metrics_by_split, predict_proba, split_info
@@ -118,6 +119,7 @@ def train_with_options(features, out, opts: TrainOptions, *, dataset: Dataset | 
     if len(split["train"]) == 0:
         raise DatasetError(f"{os.fspath(features)}: no training rows after the split")
     notes = split_notes(ds.y, ds.classes, split, ds.content_ids, ds.groups, from_file=bool(opts.split_file))
+    notes += overlap_notes(ds.metadata, ds.content_ids, split)  # vectors of a fine-tuned backbone
     fitted = fit_head(ds, split, opts, progress=progress)
     proba = predict_proba(fitted.model, ds.features)
     metrics = metrics_by_split(ds, proba, split, seed=opts.seed)

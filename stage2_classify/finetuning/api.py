@@ -1,0 +1,189 @@
+"""``finetune(run, out)``: LP-FT from a trained run, written as an ordinary run directory with its own backbone.
+
+1. the run's split and images (:mod:`.data`): train rows train, validation rows stop early, test rows wait;
+2. the run's backbone (stage 1's registry, ``stage1_extract.torch_backbone``) under the run's head (:mod:`.model`),
+   trained with ``fit`` and per-epoch checkpoints in ``OUT.checkpoints/`` (:mod:`.checkpoint`, ``resume=True``);
+3. the best epoch's backbone saved as ``backbone.safetensors`` + ``finetune.json`` (``stage1_extract.write_finetuned``)
+   and every image of the run re-extracted with it by stage 1 (``--backbone-from``) into ``features``;
+4. a run directory written as ``train`` writes one (model, metrics, split.csv, predictions, report), plus the
+   comparison with the frozen run on the same test images (:mod:`.compare`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stage2_classify.errors import Stage2Error
+from stage2_classify.finetuning.options import FinetuneOptions
+from stage2_classify.finetuning.results import FinetuneResult, write_finetuned_run
+
+
+def _device(choice: str) -> str:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise Stage2Error("--device cuda: no usable CUDA GPU (torch.cuda.is_available() is False); use --device cpu")
+    return "cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu"
+
+
+def _backbone(loaded, input_size):
+    """The run's backbone as a trainable torch module: the registry's weights, or a fine-tuned run's own."""
+    from stage1_extract import torch_backbone
+
+    meta = loaded.metadata
+    if meta.backbone.startswith("onnx:"):
+        raise Stage2Error(f"{loaded.path}: its vectors come from a user ONNX model ({meta.backbone}); fine-tuning "
+                          "needs a registry backbone (stage1-extract --backbone …)")
+    weights = None
+    if meta.provenance.get("kind") == "finetuned":
+        from stage1_extract import read_finetuned
+
+        weights = read_finetuned(meta.provenance.get("directory") or loaded.path).weights
+    tb = torch_backbone(meta.backbone, weights=weights, input_size=input_size or meta.preprocessing["input_size"])
+    if weights is None and tb.weights_id != meta.weights_id:
+        raise Stage2Error(f"{loaded.path}: its vectors were made with other weights ({meta.weights_id[:24]}) than "
+                          f"the registry's ({tb.weights_id[:24]}); fine-tuning starts from the registry's weights only")
+    return tb
+
+
+def _linear_probe(loaded, layer, train, val, rows, progress: bool):
+    """LP of LP-FT at the fine-tune's resolution: the run's head definition fitted again, as ``train`` fits it, on
+    the frozen backbone's vectors of the train split at that resolution (early-stopped on validation)."""
+    from stage2_classify.data.dataset import Dataset
+    from stage2_classify.finetuning.model import pooled_vectors
+    from stage2_classify.options import TrainOptions
+    from stage2_classify.training.fit import fit_head
+
+    config = json.loads((loaded.path / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    opts = TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
+    opts = dataclasses.replace(opts, split_file=None)
+    picked = np.concatenate([train.rows, val.rows])
+    x = pooled_vectors(layer, np.concatenate([train.x, val.x]))
+    ds = Dataset(features=x, y=rows.y[picked], paths=rows.paths[picked], classes=rows.classes,
+                 metadata=loaded.metadata, unlabelled=0, source="linear probe", content_ids=rows.content_ids[picked])
+    split = {"train": np.arange(len(train.rows)), "validation": np.arange(len(train.rows), len(picked)),
+             "test": np.zeros(0, np.int64)}
+    if progress:
+        print(f"linear probe at the new resolution: the run's head fitted again on {len(train.rows)} frozen vectors",
+              flush=True)
+    return fit_head(ds, split, opts, progress=False).model
+
+
+def _class_weights(run: Path, y: np.ndarray) -> np.ndarray | None:
+    used = json.loads((run / "config.json").read_text()).get("class_weight_used")
+    return None if not used else np.asarray([used[str(int(c))] for c in y], np.float32)
+
+
+def _fit(model, layer, head, train, val, opts, workdir: Path, resume: bool, progress: bool, sample_weight):
+    """``model.fit`` with the epoch checkpoints; resumes from ``workdir`` when asked. Returns the state."""
+    from stage2_classify.finetuning import checkpoint as ck
+    from stage2_classify.finetuning.model import Batches
+    from stage2_classify.training.fit import keras_verbosity
+
+    k = int(head.outputs[0].shape[-1])
+    batches = Batches(train.x, train.y, k, opts.batch_size, shuffle=True, seed=opts.seed, sample_weight=sample_weight)
+    val_batches = Batches(val.x, val.y, k, opts.batch_size, shuffle=False) if len(val.y) else None
+    wanted = dataclasses.asdict(opts)
+    state = ck.TrainingState.read(workdir)
+    if state is not None and not resume:
+        raise Stage2Error(f"{workdir} holds an interrupted fine-tune ({state.epochs_done} of {opts.epochs} epochs "
+                          "done): pass --resume (resume=True) to continue it, or delete that folder to start over")
+    if state is not None and state.options != wanted:
+        changed = sorted(k for k in wanted if state.options.get(k) != wanted[k])
+        raise Stage2Error(f"{workdir}: the interrupted fine-tune used other options ({', '.join(changed)}); resume "
+                          "with the same options or delete that folder to start over")
+    if state is None:
+        state = ck.TrainingState(options=wanted)
+        workdir.mkdir(parents=True, exist_ok=True)
+    else:
+        model.optimizer.build(model.trainable_weights)
+        ck.restore(workdir / ck.LAST, layer, head, model.optimizer)
+        batches.set_epoch(state.epochs_done)
+        print(f"resuming after epoch {state.epochs_done} (best so far: epoch {state.best_epoch}, "
+              f"val loss {state.best:.4f})", flush=True)
+    t0, before = time.perf_counter(), state.seconds
+    callback = ck.EpochCheckpoint(workdir, layer, head, state, monitor="val_loss" if val_batches else "loss",
+                                  patience=opts.patience, clock=lambda: before + time.perf_counter() - t0)
+    if state.epochs_done < opts.epochs and state.wait < opts.patience:
+        model.fit(batches, validation_data=val_batches, epochs=opts.epochs, initial_epoch=state.epochs_done,
+                  callbacks=[callback], verbose=keras_verbosity(progress))
+    ck.restore(workdir / ck.BEST, layer, head)
+    return state
+
+
+def _extract(rows, tuned_dir: Path, features: Path, progress: bool):
+    """Every image of the run through stage 1 with the fine-tuned backbone, from an exact file list."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    from shardformat import atomic_write_via_path
+    from stage1_extract import extract
+
+    listing = tuned_dir.parent / "images.csv"
+    table = pa.table({"path": pa.array(list(rows.files), pa.string()),
+                      "label": pa.array([rows.classes[i] for i in rows.y], pa.string()),
+                      "group": pa.array(list(rows.groups), pa.string())})
+    atomic_write_via_path(listing, lambda tmp: pacsv.write_csv(table, tmp))
+    return extract(os.fspath(listing), os.fspath(features), backbone_from=os.fspath(tuned_dir), progress=progress)
+
+
+def finetune(run: str | os.PathLike, out: str | os.PathLike, *, images=None, features=None, resume: bool = False,
+             progress: bool = True, options: FinetuneOptions | None = None, **overrides) -> FinetuneResult:
+    """Fine-tune ``run``'s backbone end to end, starting from its head (LP-FT), into the run directory ``out``.
+
+    ``images``: the folder or file list the run's vectors came from (default: the root stage 1 recorded).
+    ``features``: where the fine-tuned vectors of every image go (default ``OUT.features``). Options: the
+    fields of :class:`FinetuneOptions` as keywords (``epochs=5, input_size=128``) or ``options=``.
+    Checkpoints go to ``OUT.checkpoints/`` every epoch; ``resume=True`` continues an interrupted fine-tune.
+    """
+    from stage2_classify.finetuning.data import decode_rows, run_rows, summarise_skips
+    from stage2_classify.runs.load import load_run
+
+    opts = dataclasses.replace(options or FinetuneOptions(), **overrides)
+    out = Path(out).expanduser().absolute()
+    workdir = Path(f"{out}.checkpoints")
+    features = Path(features) if features is not None else Path(f"{out}.features")
+    loaded = load_run(run)
+    rows = run_rows(loaded.path, images)
+    device = _device(opts.device)
+    tb = _backbone(loaded, opts.input_size)
+    train, val = (decode_rows(rows, rows.take(s), tb.preprocessing) for s in ("train", "validation"))
+    notes = [n for n in (summarise_skips(s, p.skipped, len(rows.take(s))) for s, p in
+                         (("train", train), ("validation", val))) if n]
+    from stage2_classify.finetuning.model import build_model
+
+    steps = opts.epochs * max(1, -(-len(train.y) // opts.batch_size))
+    head = loaded.model
+    model, layer, counts = build_model(tb, head, opts, steps=steps, device=device)
+    if tb.preprocessing.input_size != loaded.metadata.preprocessing["input_size"] and not resume:
+        head = _linear_probe(loaded, layer, train, val, rows, progress)  # the run's head fits the run's resolution
+        model, layer, counts = build_model(tb, head, opts, steps=steps, device=device)
+    if progress:
+        print(f"fine-tuning {tb.spec.name} at {tb.preprocessing.input_size} px on {device}: {len(train.y)} train / "
+              f"{len(val.y)} validation images of {loaded.path}, {counts[0]:,} of {counts[1]:,} backbone parameters "
+              f"trainable (--unfreeze {opts.unfreeze})", flush=True)
+    weights = _class_weights(loaded.path, train.y)
+    try:
+        state = _fit(model, layer, head, train, val, opts, workdir, resume, progress, weights)
+    except KeyboardInterrupt:
+        print(f"interrupted: every finished epoch is kept in {workdir}; continue with --resume", flush=True)
+        raise
+    layer.module.to("cpu")
+    result = write_finetuned_run(loaded, rows, tb, model_head=head, state=state, opts=opts, out=out,
+                                 workdir=workdir, features=features, notes=notes, progress=progress,
+                                 extract_fn=_extract, split_sha256=_sha256(loaded.path / "split.csv"))
+    shutil.rmtree(workdir, ignore_errors=True)
+    return result
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
