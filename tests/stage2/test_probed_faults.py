@@ -54,3 +54,58 @@ def test_a_plot_that_fails_costs_the_picture_not_the_trained_run(tmp_path, monke
     assert not (run / "confusion_matrix.png").exists()
     assert "could not draw confusion_matrix.png" in caplog.text and "no usable font" in caplog.text
     assert "confusion_matrix.png is missing" in (run / "report.html").read_text()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from stage1_extract import extract
+    from tests.support.helpers import make_image_tree, make_tiny_onnx
+
+    root = tmp_path_factory.mktemp("probed")
+    images = make_image_tree(root / "images", per_class=4, size=48, classes=("cat", "coffee"))
+    tiny = make_tiny_onnx(root / "tiny.onnx")
+    extract(images, root / "features", onnx=tiny, input_size=32, workers=1, progress=False)
+    result = train(root / "features", root / "run", **FAST)
+    return dict(root=root, images=images, tiny=tiny, run=Path(result.run_dir))
+
+
+def test_a_missing_path_in_a_python_list_is_an_error_row_as_on_the_command_line(trained, tmp_path):
+    import subprocess
+    import sys
+
+    import pandas as pd
+
+    good = str(sorted(trained["images"].rglob("*.jpg"))[0])
+    missing = str(tmp_path / "gone.jpg")
+    clf = Classifier.load(trained["run"])
+    frame = clf.predict([good, missing], onnx=trained["tiny"], features=tmp_path / "api", progress=False)
+    # before: FileNotFoundError for the whole call
+    assert list(frame["path"]) == [good, missing]
+    assert frame["predicted"].notna().tolist() == [True, False]
+    assert frame["error"].iloc[1] == "listed file does not exist"
+
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [good, missing]}).to_csv(listing, index=False)
+    out = tmp_path / "cli.csv"
+    r = subprocess.run([sys.executable, "-m", "stage2_classify", "predict", "--images", str(listing), "--run",
+                        str(trained["run"]), "--onnx", str(trained["tiny"]), "--features", str(tmp_path / "cli"),
+                        "--out", str(out), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    def rows(table):
+        return {p: tuple(None if pd.isna(v) else str(v) for v in table.loc[p, ["predicted", "error"]])
+                for p in table.index}
+
+    assert rows(pd.read_csv(out).set_index("path")) == rows(frame.set_index("path"))
+
+
+def test_a_second_prediction_waits_for_the_first_on_the_shared_cache(trained, tmp_path):
+    from stage1_extract.run.lock import OutputLock
+
+    images = [str(p) for p in sorted(trained["images"].rglob("*.jpg"))[:2]]
+    cache = tmp_path / "cache"
+    first = OutputLock(str(cache)).__enter__()  # another prediction extracting into the same cache
+    threading.Timer(1.0, first.__exit__, (None, None, None)).start()
+    t0 = time.monotonic()
+    frame = Classifier.load(trained["run"]).predict(images, onnx=trained["tiny"], features=cache, progress=False)
+    assert time.monotonic() - t0 >= 0.9  # it waited (before: OutputLockedError at once)
+    assert frame["predicted"].notna().all()
