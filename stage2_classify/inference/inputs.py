@@ -93,6 +93,9 @@ def _image_list_entry(paths: list[str], cache: Path) -> tuple[Path, dict[str, st
     absolute = {}
     for given in paths:
         absolute.setdefault(os.path.abspath(Path(given).expanduser()), given)
+    if absolute and not any(os.path.exists(p) for p in absolute):
+        shown = ", ".join(list(absolute.values())[:3]) + (" …" if len(absolute) > 3 else "")
+        raise FileNotFoundError(f"none of the {len(absolute)} image file(s) exists: {shown}")
     entry = cache / f"files-{_digest(chr(0).join(sorted(absolute)))}"
     entry.mkdir(parents=True, exist_ok=True)
     listing = entry / "images.csv"

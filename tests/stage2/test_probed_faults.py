@@ -83,6 +83,8 @@ def test_a_missing_path_in_a_python_list_is_an_error_row_as_on_the_command_line(
     assert list(frame["path"]) == [good, missing]
     assert frame["predicted"].notna().tolist() == [True, False]
     assert frame["error"].iloc[1] == "listed file does not exist"
+    with pytest.raises(FileNotFoundError, match=r"none of the 1 image file\(s\) exists: .*gone.jpg"):
+        clf.predict([missing], onnx=trained["tiny"], features=tmp_path / "api", progress=False)
 
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": [good, missing]}).to_csv(listing, index=False)
