@@ -149,6 +149,7 @@ def test_two_spellings_of_one_out_share_one_lock_and_one_bookkeeping_folder(tmp_
     s = _extract(root, link, tiny)
     assert (s.extracted, s.already_done) == (0, 2)
     assert not (tmp_path / "features-link.meta").exists()
+    assert shardformat.layout.errors_path(link) == shardformat.layout.errors_path(real)  # readers find it too
     assert len(shardformat.read_features(real)) == 2
 
 
