@@ -247,8 +247,9 @@ class Run:
                 if len(self.listing_errors) > self.listing_known else ""]
         todo = ", ".join(w for w in work if w) or "its errors table to update"
         raise OutputReadOnlyError(
-            f"{self.out} is read-only ({self.read_only}) and this run has {todo}; make the folder and "
-            f"{meta_dir(self.out)} writable, or choose another --out (a rerun that changes nothing works read-only)"
+            f"{self.out} is read-only ({self.read_only}) and this run has {todo}, which means writing shards "
+            f"and {meta_dir(self.out)}; make both writable, or choose another --out (a rerun that changes nothing "
+            "works read-only)"
         )
 
     def all_errors(self) -> list[dict]:
@@ -272,7 +273,7 @@ class Run:
         s = self.summary
         s.errors_new = len(self.new_errors) + len(self.listing_errors) - self.listing_known
         s.timings = {k: round(v, 3) for k, v in self.timings.items()}
-        if self.changes_nothing and not _writable(self.out):
+        if self.changes_nothing and self.read_only:
             s.notes.append(f"{self.out} is read-only: nothing changed, nothing written")
             return s
         write_errors(self.out, self.all_errors())
@@ -289,14 +290,16 @@ class Run:
         return s
 
 
-def _writable(out: str) -> bool:
-    """Whether this process may write the run's bookkeeping (``OUT.meta``, else ``OUT`` to create it in)."""
+def _unwritable(out: str) -> str | None:
+    """Why this process may not write the run's files (the shards in ``OUT``, the bookkeeping in ``OUT.meta``
+    or its errors table), or None when it may."""
     if "://" in out:
-        return True
+        return None
     meta = meta_dir(out)
-    where = meta if os.path.isdir(meta) else os.path.dirname(meta)
-    return os.access(where, os.W_OK) and (not os.path.exists(errors_path(out))
-                                          or os.access(errors_path(out), os.W_OK)) and not _read_only_mount(where)
+    for where in (out, meta if os.path.isdir(meta) else os.path.dirname(meta), errors_path(out)):
+        if os.path.exists(where) and (not os.access(where, os.W_OK) or _read_only_mount(where)):
+            return f"Permission denied: {where} is not writable"
+    return None
 
 
 def _read_only_mount(path: str) -> bool:
@@ -342,7 +345,7 @@ def open_run(listing, out: str | os.PathLike, model, *, provider: str, strict: b
     lock = OutputLock(out, wait=lock_wait) if "://" not in out else contextlib.nullcontext()
     with lock, sigterm_as_interrupt():
         run = Run(out, model, meta, listing, provider, strict, t_start)
-        run.read_only = getattr(lock, "read_only", None)
+        run.read_only = getattr(lock, "read_only", None) or _unwritable(out)
         run.refuse_if_read_only()
         try:
             yield run
