@@ -70,10 +70,11 @@ def _parquet_options(table: pa.Table, compression: str) -> dict:
     """Feature vectors are stored plain (no compression, no dictionary): decoding zstd halves the speed at
     which stage 2 loads them, and dense floats gain little from either. Other columns use ``compression``."""
     if "feature" not in table.column_names:
-        return {"compression": compression}
+        return {"compression": compression, "write_page_checksum": True}
     return {
         "compression": {name: ("none" if name == "feature" else compression) for name in table.column_names},
         "use_dictionary": [name for name in table.column_names if name != "feature"],
+        "write_page_checksum": True,  # a CRC per page, verified on read: a bit flip is found, not trained on
     }
 
 
@@ -195,11 +196,27 @@ def list_shards(directory: str | os.PathLike) -> list[str]:
     return sorted(names)
 
 
+def damaged_shard_message(path: str, exc: BaseException) -> str:
+    """What to say about a shard that cannot be read back as it was written, and what to do about it."""
+    return (f"{path}: the shard is damaged ({exc}); rerun stage1-extract with the same --images and --out "
+            "to extract its images again (if that run cannot read it either, delete the shard first)")
+
+
 def _open(fs: pafs.FileSystem, path: str) -> pq.ParquetFile:
+    """A shard opened for reading with its pages' checksums verified (shards written before checksums have
+    none, and read as before)."""
     try:
-        return pq.ParquetFile(fs.open_input_file(path))
+        return pq.ParquetFile(fs.open_input_file(path), page_checksum_verification=True)
     except (pa.ArrowInvalid, OSError) as exc:
-        raise ShardFormatError(f"{path}: not a readable Parquet shard ({exc})") from None
+        raise ShardFormatError(f"{path}: not a readable Parquet shard ({exc}); if stage1-extract wrote it, "
+                               "delete it and rerun stage1-extract with the same --images and --out") from None
+
+
+def _read(pf: pq.ParquetFile, path: str, **kwargs) -> pa.Table:
+    try:
+        return pf.read(**kwargs)
+    except (pa.ArrowInvalid, OSError) as exc:  # a CRC mismatch, or damage to a page's own header
+        raise ShardFormatError(damaged_shard_message(path, exc)) from None
 
 
 def _meta_of(schema: pa.Schema, where: str) -> ShardMetadata:
@@ -300,7 +317,7 @@ def _read_tables(directory, columns: list[str]) -> tuple[list[pa.Table], list[st
         pf = _open(fs, path)
         metas.append((path, _meta_of(pf.schema_arrow, path)))
         present = [c for c in columns if c in pf.schema_arrow.names]
-        tables.append(_with_optional_columns(pf.read(columns=present, use_threads=True), columns))
+        tables.append(_with_optional_columns(_read(pf, path, columns=present, use_threads=True), columns))
     meta = _check_compatible(metas)
     return tables, files, meta
 
@@ -331,7 +348,7 @@ def read_features(directory: str | os.PathLike, *, expect: ShardMetadata | None 
     features = np.empty((int(starts[-1]), dim), dtype=np.float32)
 
     def load(i: int) -> pa.Table:
-        table = opened[i][1].read(use_threads=False)
+        table = _read(opened[i][1], opened[i][0], use_threads=False)
         if table.num_rows != counts[i]:
             raise ShardFormatError(f"{opened[i][0]}: row count differs from its footer")
         block = features[starts[i]:starts[i + 1]]

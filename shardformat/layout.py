@@ -14,10 +14,15 @@ from shardformat.schema import ERRORS_FILE, LEGACY_ERRORS_FILE, META_SUFFIX, SHA
 
 
 def _base(directory: str | os.PathLike) -> tuple[str, str]:
-    """(``directory`` without a trailing slash, its ``?query`` part) for a path or URI."""
+    """(``directory`` without a trailing slash, its ``?query`` part) for a path or URI. A local path reached
+    through a symbolic link is its real path: ``features`` and ``link-to-features`` share one ``.meta`` folder."""
     text = os.fspath(directory)
     base, sep, query = text.partition("?") if "://" in text else (text, "", "")
     stripped = base.rstrip("/") or base
+    if not sep and "://" not in text:
+        real = os.path.realpath(stripped)
+        if real != os.path.abspath(stripped):
+            stripped = real
     return stripped, sep + query
 
 

@@ -48,6 +48,7 @@ def extract(
     group_regex: str | None = O.group_regex,
     dicom_frames: str = O.dicom_frames,
     dicom_group: str = O.dicom_group,
+    lock_wait: float = O.lock_wait,
     group_salt: str | None = O.group_salt,
     cuda: CudaOptions | None = O.cuda,
     ray_address: str | None = O.ray_address,
@@ -75,6 +76,9 @@ def extract(
     salt: see :mod:`stage1_extract.inputs.dicom_records`). ``backbone_from``: a fine-tuned run directory
     (``stage2-classify finetune``): its backbone, weights and input size, recorded as the shards' provenance. ``dicom_frames="all"``: one row per frame of a
     multi-frame DICOM (path ``scan.dcm#frame=3``, 1-based) instead of its first frame only.
+
+    One run writes to ``out`` at a time; ``lock_wait`` seconds: how long to wait for another one to finish
+    (default 0: :class:`~stage1_extract.run.lock.OutputLockedError` at once, naming its pid).
     """
     given = locals()  # the arguments, nothing else yet
     return run_extraction(images, out, O(**{f.name: given[f.name] for f in dataclasses.fields(O)}))

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_options(p, ExtractOptions, only=_MODEL + _RUN)
     p.add_argument("--cuda-graph", action="store_true",
                    help="--provider cuda: replay inference as one CUDA graph (+1.8%% on an H200, off by default)")
-    add_options(p, ExtractOptions, only=("strict", "engine", "ray_address"))
+    add_options(p, ExtractOptions, only=("strict", "lock_wait", "engine", "ray_address"))
     add_progress_flag(p)
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--list-backbones", action="store_true", help="list the registry and exit")

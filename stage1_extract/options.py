@@ -95,6 +95,9 @@ class ExtractOptions:
                               help="DICOM rows' group when none is given: a salted hash of PatientID (default) or "
                               "StudyInstanceUID; the salt comes from HYBRID_TRANSFER_GROUP_SALT or a per-user "
                               "secret file")
+    lock_wait: float = option(0.0, parse=float,
+                              help="seconds to wait for another run writing the same --out to finish (default 0: "
+                              "stop at once with the other run's pid)")
     #: the salt of DICOM groups (Python only; the CLI reads HYBRID_TRANSFER_GROUP_SALT or the per-user file)
     group_salt: str | None = None
     #: CUDA provider tuning, a :class:`~stage1_extract.runtime.session.CudaOptions` (CLI: ``--cuda-graph``)

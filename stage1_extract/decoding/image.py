@@ -8,12 +8,15 @@ read-and-decode step of the CPU decoders (worker pool and Ray).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import re
+import threading
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from stage1_extract.decoding.files import DecodeError, FileResult, read_image, split_frame_ref
 from stage1_extract.model.preprocessing import Preprocessing
@@ -89,10 +92,12 @@ def _wide_to_gray(img: Image.Image) -> Image.Image:
     """16/32-bit integer or float gray → 8-bit gray, band by band (exactly the whole-image arithmetic, at a
     fraction of the memory: a float TIFF of a few hundred KB can hold a raster of hundreds of MB).
 
-    Float: NaN → 0, ±inf → the extreme finite values; data already in 0..255 is kept, any other range is
-    stretched to 0..255. Integer: 16-bit data (``I;16``, or ``I`` outside 0..255) gets the robust percentile
+    Float: NaN → 0, ±inf → the extreme finite values; data within 0..1 is on the 0..1 scale, data within
+    0..255 is kept, any other range is stretched to 0..255 (:func:`~stage1_extract.decoding.windowing.float_scale`). Integer: 16-bit data (``I;16``, or ``I`` outside 0..255) gets the robust percentile
     window of :mod:`stage1_extract.decoding.windowing` (the DICOM fallback); 8-bit-range data is kept.
     """
+    from stage1_extract.decoding.windowing import float_scale
+
     mode = img.mode
     w, h = img.size
     gray = np.empty((h, w), np.uint8)
@@ -111,13 +116,11 @@ def _wide_to_gray(img: Image.Image) -> Image.Image:
         amin, amax = (min(bottom, 0.0), max(top, 0.0)) if has_nan else (bottom, top)
         if hi is None:
             amin = amax = 0.0
-        keep = amin >= 0 and amax <= 255
+        black, white = float_scale(amin, amax)  # 0..1 and 0..255 are scales (conventions), other ranges stretched
         for row, band in _bands(img):
             arr = np.nan_to_num(band.astype(np.float64), nan=0.0, posinf=top, neginf=bottom)
-            if keep:
-                scaled = np.clip(arr, 0, 255)
-            elif amax > amin:
-                scaled = (arr - amin) * (255.0 / (amax - amin))
+            if white > black:
+                scaled = np.clip((arr - black) * (255.0 / (white - black)), 0, 255)
             else:
                 scaled = np.zeros_like(arr)
             gray[row:row + len(band)] = np.rint(scaled).astype(np.uint8)
@@ -155,6 +158,72 @@ def check_memory_budget(mode: str, width: int, height: int) -> None:
         )
 
 
+_SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}  # start of frame; C4 DHT, C8 JPG, CC DAC
+_SCAN_END = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # the first marker after entropy-coded data
+
+
+def jpeg_scan_problem(data: bytes) -> str | None:
+    """Why a JPEG's first scan cannot hold its image, or None (also for non-JPEG data and what the decoder must
+    judge itself). libjpeg turns a scan without data into a uniform grey image and only warns, which PIL does
+    not pass on: a header-only file (a 9000×9000 header, no pixels) would be extracted as if it were a picture.
+
+    A scan with no entropy-coded bytes holds nothing. A baseline (Huffman, sequential) scan codes at least two
+    bits per 8×8 block (a DC code and an end-of-block code), so fewer bytes than that cannot be the image.
+    """
+    if data[:2] != b"\xff\xd8":
+        return None
+    i, n, frame = 2, len(data), None
+    while i + 4 <= n:
+        if data[i] != 0xFF:
+            return None  # not a marker where one must be: the decoder reports it
+        marker = data[i + 1]
+        if marker == 0xFF or marker == 0x01 or 0xD0 <= marker <= 0xD8:
+            i += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            return "no image data: the JPEG ends before its first scan (a header only)"
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        segment = data[i + 4:i + 2 + length]
+        if marker in _SOF_MARKERS and len(segment) >= 6:
+            comps = {segment[6 + 3 * c]: (segment[7 + 3 * c] >> 4, segment[7 + 3 * c] & 15)
+                     for c in range(segment[5]) if 7 + 3 * c < len(segment)}
+            frame = (marker, int.from_bytes(segment[1:3], "big"), int.from_bytes(segment[3:5], "big"), comps)
+        if marker == 0xDA:
+            start = i + 2 + length
+            end = _SCAN_END.search(data, start)
+            got = (end.start() if end else n) - start
+            if got <= 0:
+                return "no image data: the JPEG's scan holds no pixels (a header only)"
+            need = _baseline_minimum_bytes(frame, [segment[1 + 2 * c] for c in range(segment[0] if segment else 0)])
+            if got < need:
+                return (f"truncated image data: the first scan holds {got} bytes, a {frame[2]}×{frame[1]} baseline "
+                        f"JPEG needs at least {need}")
+            return None
+        i += 2 + length
+    return None
+
+
+def _baseline_minimum_bytes(frame, scan_components: list[int]) -> int:
+    """Fewest bytes a baseline Huffman scan of these components can take (2 bits per block), 0 if unknown."""
+    if frame is None or frame[0] not in (0xC0, 0xC1):
+        return 0
+    _, height, width, comps = frame
+    if not comps or not all(c in comps for c in scan_components) or height == 0:
+        return 0
+    hmax, vmax = max(h for h, _ in comps.values()) or 1, max(v for _, v in comps.values()) or 1
+    if len(scan_components) == 1:
+        h, v = comps[scan_components[0]]
+        blocks = _ceil(_ceil(width * h, hmax), 8) * _ceil(_ceil(height * v, vmax), 8)
+    else:
+        mcus = _ceil(width, 8 * hmax) * _ceil(height, 8 * vmax)
+        blocks = mcus * sum(h * v for c, (h, v) in comps.items() if c in scan_components)
+    return blocks * 2 // 8
+
+
+def _ceil(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
     """Source-pixel box that, resized to input_size², equals resize-shorter-side (rounded) then centre crop.
 
@@ -167,6 +236,24 @@ def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, floa
     top = int(round((new_h - prep.input_size) / 2))
     sx, sy = width / new_w, height / new_h
     return (left * sx, top * sy, (left + prep.input_size) * sx, (top + prep.input_size) * sy)
+
+
+_TRUNCATED_FLAG = threading.Lock()
+
+
+@contextlib.contextmanager
+def _truncated_images_refused():
+    """PIL's ``ImageFile.LOAD_TRUNCATED_IMAGES`` off while decoding: a caller's notebook may have turned it on,
+    and then a cut-off file decodes to a picture padded with grey instead of an error. Set back afterwards."""
+    if not ImageFile.LOAD_TRUNCATED_IMAGES:
+        yield
+        return
+    with _TRUNCATED_FLAG:
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = True
 
 
 def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False, frame: int | None = None) -> np.ndarray:
@@ -183,7 +270,10 @@ def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False, frame
 
     if not data:
         raise DecodeError("empty file (0 bytes)")
-    with warnings.catch_warnings():
+    problem = jpeg_scan_problem(data)
+    if problem:
+        raise DecodeError(problem)
+    with warnings.catch_warnings(), _truncated_images_refused():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             img = dicom_image(data, frame) if is_dicom(data[:132]) else Image.open(io.BytesIO(data))

@@ -9,8 +9,10 @@ black. The policy, in order:
 2. otherwise a robust percentile window: the 0.5th to 99.5th percentile of the image's own values
    (padding excluded), so a few outliers cannot set the contrast;
 
-then MONOCHROME1 images (where a high value means dark) are inverted. Imported by decode workers:
-numpy only.
+then MONOCHROME1 images (where a high value means dark) are inverted. Float images without a stated
+window (TIFF, PNG-less formats) follow their own conventions first (:func:`float_scale`): values within 0..1
+are on the 0..1 scale (1 is white), values within 0..255 are already 8-bit; only other ranges are stretched.
+Imported by decode workers: numpy only.
 """
 
 from __future__ import annotations
@@ -48,6 +50,20 @@ def window_unit(values: np.ndarray, center: float, width: float, function: str =
     else:
         raise ValueError(f"unknown VOI LUT function {function!r} (expected LINEAR, LINEAR_EXACT or SIGMOID)")
     return np.clip((x - center) / width + 0.5, 0.0, 1.0)
+
+
+def float_scale(low: float, high: float) -> tuple[float, float]:
+    """The (black, white) values of a float image whose finite values lie in ``low``..``high``.
+
+    Floats in 0..1 are the usual convention for float images (scikit-image, OpenCV, ImageJ exports): 0 is
+    black and 1 white, so a dim image stays dim; reading them as 0..255 would make every image black. Data
+    within 0..255 is 8-bit data stored as float. Anything else has no convention: its full range is shown.
+    """
+    if low >= 0 and high <= 1:
+        return 0.0, 1.0
+    if low >= 0 and high <= 255:
+        return 0.0, 255.0
+    return low, high
 
 
 def window_sample(values: np.ndarray, *, start: int = 0, total: int | None = None) -> np.ndarray:

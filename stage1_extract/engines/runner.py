@@ -43,7 +43,8 @@ def run_extraction(images: str | os.PathLike, out: str | os.PathLike, options: E
                           precision=options.precision, input_size=options.input_size, resize=options.resize,
                           mean=options.mean, std=options.std, interpolation=options.interpolation,
                           backbone_from=options.backbone_from)
-    with open_run(listing, out, model, provider=options.provider, strict=options.strict, t_start=t_start) as run:
+    with open_run(listing, out, model, provider=options.provider, strict=options.strict, t_start=t_start,
+                  lock_wait=options.lock_wait) as run:
         if run.todo:
             engine.process(run, model)
     return run.summary

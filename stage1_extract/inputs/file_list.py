@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def list_file(path: Path) -> Listing:
     paths = table.column("path").to_pylist()
     labels = table.column("label").to_pylist() if "label" in table.column_names else [None] * len(paths)
     groups = table.column("group").to_pylist() if "group" in table.column_names else [None] * len(paths)
+    labels, label_notes = clean_values(labels, "label")
+    groups, group_notes = clean_values(groups, "group")
     base = path.parent.resolve()
     records, problems, seen_paths = [], [], set()
     for p, label, group in zip(paths, labels, groups):
@@ -56,7 +59,47 @@ def list_file(path: Path) -> Listing:
         if not os.path.isfile(file):  # a FIFO or device: reading it could block or never end
             problems.append((p, "not a regular file"))
             continue
-        records.append(ImageRecord(p, abspath, None if label is None or label == "" else str(label),
-                                   None if group is None or group == "" else str(group)))
+        records.append(ImageRecord(p, abspath, label, group))
     records.sort(key=lambda r: r.path)
-    return Listing(str(base), "file-list", records, problems, [])
+    return Listing(str(base), "file-list", records, problems, [], notes=label_notes + group_notes)
+
+
+def _missing_markers() -> frozenset[str]:
+    """The spellings of a missing value that pyarrow's (and pandas') CSV readers know: ``NA`` (R's
+    ``write.csv``), ``NaN``, ``nan`` (pandas), ``NULL``, ``#N/A`` (spreadsheets)…"""
+    import pyarrow.csv as pacsv
+
+    return frozenset(pacsv.ConvertOptions().null_values)
+
+
+def clean_values(values: list, column: str) -> tuple[list[str | None], list[str]]:
+    """A ``label`` or ``group`` column as text: spaces around a value trimmed (``' cat '`` is ``cat``), and
+    empty cells, missing-value markers (``NA``, ``NaN``…) and float NaN (a Parquet float column) as missing.
+    Returns the values and the notes saying what was changed, for the run summary."""
+    markers = _missing_markers()
+    out: list[str | None] = []
+    trimmed, as_missing = 0, {}
+    for value in values:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            if value is not None:
+                as_missing["NaN (float)"] = as_missing.get("NaN (float)", 0) + 1
+            out.append(None)
+            continue
+        text = str(value)
+        stripped = text.strip()
+        if stripped != text:
+            trimmed += 1
+        if stripped in markers:
+            if stripped:
+                as_missing[repr(stripped)] = as_missing.get(repr(stripped), 0) + 1
+            out.append(None)
+            continue
+        out.append(stripped)
+    notes = []
+    if as_missing:
+        spelled = ", ".join(f"{k} ×{n}" for k, n in sorted(as_missing.items()))
+        notes.append(f"{sum(as_missing.values())} row(s) whose {column} is a missing-value marker ({spelled}) "
+                     f"are read as having no {column}" + (" (unlabelled)" if column == "label" else ""))
+    if trimmed:
+        notes.append(f"{trimmed} {column}(s) had spaces around them, trimmed (' cat ' is 'cat')")
+    return out, notes

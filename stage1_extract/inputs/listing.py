@@ -155,23 +155,28 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
     root = Path(images).expanduser()
     if root.is_file():
         listing = list_file(root)
+        if not listing.records:
+            raise NoImagesError(_nothing_listed(root, listing.problems))
         if regex is not None and any(r.group is not None for r in listing.records):
             raise OptionError(f"--images {root}: the file list has a 'group' column; drop --group-regex or the column")
         return apply_group_regex(listing, regex)
     if not root.is_dir():
         raise InputNotFoundError(f"--images {root}: no such file or folder")
     root = root.resolve()
-    problems: list[tuple[str, str]] = []
     seen: dict = {}
     top_entries = sorted(os.scandir(root), key=lambda e: e.name)
     hidden = [e.name for e in top_entries if e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
     class_dirs = [e for e in top_entries if not e.name.startswith(".") and e.is_dir(follow_symlinks=True)]
+    problems: list[tuple[str, str]] = []
+    for d in [d for d in class_dirs if _empty_folder_named_like_an_image(d)]:
+        class_dirs.remove(d)  # ``x.jpg/``, empty: not a class that would make every image here classless
+        problems.append((d.name, "skipped: an empty folder named like an image file, not a class folder"))
     records: list[ImageRecord] = []
     empty: list[str] = []
     if class_dirs:
         seen[(root.stat().st_dev, root.stat().st_ino)] = "."
         for entry in top_entries:
-            if entry.name.startswith((".", "_")) or entry in class_dirs:
+            if entry.name.startswith((".", "_")) or entry.is_dir(follow_symlinks=True):
                 continue  # hidden files and markers such as _prepared.json are not inputs
             if os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
                 problems.append((entry.name, "skipped: image at the top of a class-folder tree has no class"))
@@ -199,6 +204,26 @@ def list_images(images: str | os.PathLike, *, group_regex: str | None = None) ->
         raise NoImagesError(_nothing_found(root, problems, hidden))
     return apply_group_regex(Listing(str(root), layout, records, problems, empty, hidden_folders=hidden),
                               regex)
+
+
+def _empty_folder_named_like_an_image(entry: os.DirEntry) -> bool:
+    if os.path.splitext(entry.name)[1].lower() not in IMAGE_EXTENSIONS:
+        return False
+    try:
+        with os.scandir(entry.path) as inside:
+            return not any(not e.name.startswith(".") for e in inside)
+    except OSError:
+        return False
+
+
+def _nothing_listed(path: Path, problems: list[tuple[str, str]]) -> str:
+    text = f"--images {path}: none of the {len(problems)} listed files can be used"
+    if not problems:
+        return f"--images {path}: the file list has no rows. Give it a 'path' column naming one image a row."
+    shown = "; ".join(f"{p}: {reason}" for p, reason in problems[:3])
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return (f"{text}: {shown}{more}. Paths in a file list are relative to the list's own folder "
+            f"({path.parent.resolve()}) unless absolute.")
 
 
 def _nothing_found(root: Path, problems: list[tuple[str, str]], hidden: list[str]) -> str:

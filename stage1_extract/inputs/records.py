@@ -33,6 +33,7 @@ class Listing:
     ignored: int = 0  # hidden files
     ungrouped: int = 0  # paths that --group-regex did not match (they get no group)
     hidden_folders: list[str] = dataclasses.field(default_factory=list)  # top-level ".name/" folders, not classes
+    notes: list[str] = dataclasses.field(default_factory=list)  # what listing changed, said in the run summary
 
 
 class NoImagesError(Stage1Error, ValueError):

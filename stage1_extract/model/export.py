@@ -172,6 +172,53 @@ def export_backbone(
     )
 
 
+def _external_locations(model) -> list[str]:
+    """The files a model's tensors keep their data in (ONNX external data), in every graph and subgraph."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    found: set[str] = set()
+
+    def tensors_of(graph):
+        yield from graph.initializer
+        for sparse in graph.sparse_initializer:
+            yield from (sparse.values, sparse.indices)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+                for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                    yield from tensors_of(sub)
+
+    for tensor in tensors_of(model.graph):
+        if uses_external_data(tensor):
+            found.add(ExternalDataInfo(tensor).location)
+    for function in model.functions:
+        for node in function.node:
+            for attr in node.attribute:
+                if attr.HasField("t") and uses_external_data(attr.t):
+                    found.add(ExternalDataInfo(attr.t).location)
+    return sorted(found)
+
+
+def user_onnx_sha256(src: Path, model) -> str:
+    """Identity of a user ONNX model: every byte it loads. The model file's SHA-256 when it holds its weights;
+    with external data (weights in ``net.onnx.data`` beside it), the hash of the model file and of each data
+    file, so replacing the weights file changes the identity (the export cache key and the shards' weights_id)."""
+    own = file_sha256(src)
+    locations = _external_locations(model)
+    if not locations:
+        return own
+    h = hashlib.sha256(own.encode())
+    for location in locations:
+        data = src.parent / location
+        if not data.is_file():
+            raise InputError(f"--onnx {src}: its weights file {data} (external data) is missing; keep it beside "
+                             "the model file")
+        h.update(f"\0{location}\0{file_sha256(data)}".encode())
+    return h.hexdigest()
+
+
 def wrap_user_onnx(
     path: str | os.PathLike,
     *,
@@ -190,20 +237,26 @@ def wrap_user_onnx(
 
     from stage1_extract.model.onnx_graph import describe_input
 
+    from onnx.external_data_helper import load_external_data_for_model
+
     src = Path(path).expanduser()
     if not src.is_file():
         raise InputNotFoundError(f"--onnx {src}: no such file")
     try:
-        model = onnx.load(str(src))
+        model = onnx.load(str(src), load_external_data=False)
     except Exception as exc:
         raise InputError(f"--onnx {src}: not a readable ONNX model ({exc})") from None
+    user_sha = user_onnx_sha256(src, model)  # before loading the weights: they are hashed as files
+    try:
+        load_external_data_for_model(model, str(src.parent))
+    except Exception as exc:
+        raise InputError(f"--onnx {src}: cannot read its external weights ({exc})") from None
     _, elem, dims = describe_input(model)
     if input_size is None:
         if not isinstance(dims[2], int) or dims[2] <= 0:
             raise InputError(f"--onnx {src}: the model's input size is dynamic; pass --input-size")
         input_size = dims[2]
     prep = Preprocessing.from_fractions(input_size, resize or round(input_size / 0.875), interpolation, mean, std)
-    user_sha = file_sha256(src)
     precision = "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
     key_fields = {"user_onnx": user_sha, "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
     onnx_path, info_path, info = _cached(key_fields, f"user-{src.stem}")

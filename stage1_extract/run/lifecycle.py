@@ -38,6 +38,10 @@ class StrictModeError(Stage1Error, RuntimeError):
     """``strict=True`` and an input could not be used."""
 
 
+class OutputReadOnlyError(Stage1Error, PermissionError):
+    """The output cannot be written and the run has something to write (a no-op rerun only reads)."""
+
+
 @dataclasses.dataclass
 class ExtractSummary:
     out: str
@@ -57,6 +61,7 @@ class ExtractSummary:
     shards_written: int = 0
     ungrouped: int = 0  # paths --group-regex did not match
     hidden_folders: list[str] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what listing changed (labels read as missing…)
 
     @property
     def errors(self) -> int:
@@ -89,6 +94,7 @@ class ExtractSummary:
         if self.hidden_folders:
             lines.append(f"  hidden folders (ignored; rename without the leading '.' to use them): "
                          f"{', '.join(self.hidden_folders)}")
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -144,9 +150,10 @@ def check_finite(features: np.ndarray, paths: list[str]) -> None:
 
 
 def normalise_out(out: str | os.PathLike) -> str:
-    """Absolute path for a local ``out``; URIs (``s3://…``) unchanged."""
+    """The real path of a local ``out`` (symbolic links resolved, so that two spellings of one folder share one
+    lock and one ``OUT.meta``); URIs (``s3://…``) unchanged."""
     out = os.fspath(out)
-    return out if "://" in out else os.path.abspath(out)
+    return out if "://" in out else os.path.realpath(os.path.expanduser(out))
 
 
 def plan_on(out: str, plan):
@@ -191,13 +198,15 @@ class Run:
         self.listing_errors = [{"path": p, "reason": r} for p, r in listing.problems]
         seen_before = {e["path"] for e in previous_errors}
         self.listing_known = sum(e["path"] in seen_before for e in self.listing_errors)
+        self.previous_errors = len(previous_errors)
+        self.read_only: str | None = None  # why the output cannot be written (set by open_run), None if it can
         self.new_errors: list[dict] = []
         self.timings = {k: 0.0 for k in TIMING_KEYS}
         self.summary = ExtractSummary(out=out, backbone=model.backbone, provider=provider,
                                       listed=len(listing.records), already_done=self.plan.done,
                                       errors_known=len(self.plan.known_errors) + self.listing_known,
                                       empty_classes=listing.empty_classes, ungrouped=listing.ungrouped,
-                                      hidden_folders=listing.hidden_folders)
+                                      hidden_folders=listing.hidden_folders, notes=list(listing.notes))
         self.summary.images_root = listing.root
         if strict and (self.listing_errors or self.plan.known_errors):
             first = (self.listing_errors or self.plan.known_errors)[0]
@@ -220,6 +229,30 @@ class Run:
         """``strict`` and an image already failed: the engine should stop feeding the run."""
         return self.strict and bool(self.new_errors)
 
+    @property
+    def changes_nothing(self) -> bool:
+        """Nothing to extract, remove, refresh or newly record: the shards and the errors table stay as they are."""
+        p = self.plan
+        return (not p.todo and not p.stale_rows and not p.refresh_mtime and not self.new_errors
+                and self.listing_known == len(self.listing_errors)
+                and self.previous_errors == len(p.known_errors) + self.listing_known)
+
+    def refuse_if_read_only(self) -> None:
+        """A read-only output can take a no-op rerun only: say so before any work, naming what would change."""
+        if self.read_only is None or self.changes_nothing:
+            return
+        p = self.plan
+        work = [f"{len(p.todo)} image(s) to extract" if p.todo else "",
+                f"{sum(p.stale_rows.values())} stale row(s) to remove" if p.stale_rows else "",
+                f"{len(self.listing_errors) - self.listing_known} new listing problem(s) to record"
+                if len(self.listing_errors) > self.listing_known else ""]
+        todo = ", ".join(w for w in work if w) or "its errors table to update"
+        raise OutputReadOnlyError(
+            f"{self.out} is read-only ({self.read_only}) and this run has {todo}, which means writing shards "
+            f"and {meta_dir(self.out)}; make both writable, or choose another --out (a rerun that changes nothing "
+            "works read-only)"
+        )
+
     def all_errors(self) -> list[dict]:
         return self.listing_errors + self.plan.known_errors + self.new_errors
 
@@ -240,12 +273,15 @@ class Run:
         """End of a run: errors table, strict check, compaction, ``OUT.meta/run.json``."""
         s = self.summary
         s.errors_new = len(self.new_errors) + len(self.listing_errors) - self.listing_known
+        s.timings = {k: round(v, 3) for k, v in self.timings.items()}
+        if self.changes_nothing and self.read_only:
+            s.notes.append(f"{self.out} is read-only: nothing changed, nothing written")
+            return s
         write_errors(self.out, self.all_errors())
         if self.strict and self.new_errors:
             first = self.new_errors[0]
             raise StrictModeError(f"--strict: {first['path']}: {first['reason']}")
         s.removed_rows = compact(plan_on(self.out, self.plan))
-        s.timings = {k: round(v, 3) for k, v in self.timings.items()}
         write_json(self.out, SUMMARY_FILE, {
             **s.as_dict(),
             "finished": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -253,6 +289,25 @@ class Run:
             "shard_metadata": self.meta.to_json(),
         })
         return s
+
+
+def _unwritable(out: str) -> str | None:
+    """Why this process may not write the run's files (the shards in ``OUT``, the bookkeeping in ``OUT.meta``
+    or its errors table), or None when it may."""
+    if "://" in out:
+        return None
+    meta = meta_dir(out)
+    for where in (out, meta if os.path.isdir(meta) else os.path.dirname(meta), errors_path(out)):
+        if os.path.exists(where) and (not os.access(where, os.W_OK) or _read_only_mount(where)):
+            return f"Permission denied: {where} is not writable"
+    return None
+
+
+def _read_only_mount(path: str) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError:
+        return False
 
 
 def list_inputs(images, out: str | os.PathLike, *, group_regex: str | None = None, dicom_frames: str = "first",
@@ -266,7 +321,7 @@ def list_inputs(images, out: str | os.PathLike, *, group_regex: str | None = Non
 
     compile_group_regex(group_regex)  # a bad pattern fails now, not after the model export
     require_folder(out)
-    require_folder(meta_dir(os.fspath(out)), "--out (its bookkeeping folder)")
+    require_folder(meta_dir(normalise_out(out)), "--out (its bookkeeping folder)")
     listing = prepare_dicom_records(list_images(images, group_regex=group_regex), frames=dicom_frames,
                                     group_by=dicom_group, salt=group_salt)
     return normalise_out(out), listing
@@ -274,12 +329,13 @@ def list_inputs(images, out: str | os.PathLike, *, group_regex: str | None = Non
 
 @contextlib.contextmanager
 def open_run(listing, out: str | os.PathLike, model, *, provider: str, strict: bool,
-             t_start: float | None = None) -> Iterator[Run]:
+             t_start: float | None = None, lock_wait: float = 0.0) -> Iterator[Run]:
     """``with open_run(listing, out, model, …) as run:`` — the engine's loop goes in the block.
 
-    ``listing`` comes from :func:`list_inputs`. Takes the output lock (local ``out`` only), refuses shards of
-    another model and plans the incremental run. A clean exit finishes the run; an exception first records
-    the errors so far.
+    ``listing`` comes from :func:`list_inputs`. Takes the output lock (local ``out`` only; waiting up to
+    ``lock_wait`` seconds for another run), refuses shards of another model and plans the incremental run. A clean
+    exit finishes the run; an exception first records the errors so far. An output that cannot be written takes a
+    run that changes nothing (its summary says so) and refuses any other, before any work.
     """
     from stage1_extract.run.lock import OutputLock
 
@@ -287,8 +343,11 @@ def open_run(listing, out: str | os.PathLike, model, *, provider: str, strict: b
     out = normalise_out(out)
     meta = shard_metadata(model)
     # SIGTERM (kill, docker stop, a scheduler's time limit) stops the run like Ctrl-C: shards kept, lock released
-    with OutputLock(out) if "://" not in out else contextlib.nullcontext(), sigterm_as_interrupt():
+    lock = OutputLock(out, wait=lock_wait) if "://" not in out else contextlib.nullcontext()
+    with lock, sigterm_as_interrupt():
         run = Run(out, model, meta, listing, provider, strict, t_start)
+        run.read_only = getattr(lock, "read_only", None) or _unwritable(out)
+        run.refuse_if_read_only()
         try:
             yield run
         except BaseException:

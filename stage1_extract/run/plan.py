@@ -115,7 +115,10 @@ def make_plan(records: list[ImageRecord], index: pa.Table, errors: list[dict],
 
 def nonfinite_rows(out: str, index: pa.Table) -> frozenset[tuple[str, str]]:
     """(shard, path) of every row whose feature vector holds NaN or infinity (a damaged shard, or one from a
-    run before stage 1 checked its output): stage 2 refuses them, so a rerun must extract them again."""
+    run before stage 1 checked its output), or whose shard fails its page checksums (bit flips): stage 2
+    refuses them, so a rerun must extract them again (and :func:`compact` then deletes the damaged shard)."""
+    import logging
+
     import numpy as np
     import pyarrow.parquet as pq
 
@@ -124,8 +127,14 @@ def nonfinite_rows(out: str, index: pa.Table) -> frozenset[tuple[str, str]]:
     broken = set()
     fs, root = resolve(out)
     for shard in sorted(set(index.column("shard").to_pylist())) if index.num_rows else []:
-        with fs.open_input_file(f"{root}/{shard.rsplit('/', 1)[-1]}") as fh:
-            table = pq.read_table(fh, columns=["path", "feature"])
+        try:
+            with fs.open_input_file(f"{root}/{shard.rsplit('/', 1)[-1]}") as fh:
+                table = pq.read_table(fh, columns=["path", "feature"], page_checksum_verification=True)
+        except (pa.ArrowInvalid, OSError) as exc:
+            logging.getLogger(__name__).warning("%s is damaged (%s): its images are extracted again", shard, exc)
+            rows = pc.equal(index.column("shard"), shard)
+            broken.update((shard, p) for p in index.filter(rows).column("path").to_pylist())
+            continue
         feature = table.column("feature").combine_chunks()
         values = feature.flatten().to_numpy(zero_copy_only=False)
         ok = np.isfinite(values.reshape(len(feature), -1)).all(axis=1) if len(feature) else np.ones(0, bool)

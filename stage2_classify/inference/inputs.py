@@ -24,6 +24,8 @@ from shardformat import ShardMetadata
 from stage2_classify.errors import DatasetError
 
 IMAGE_LIST_SUFFIXES = (".csv", ".tsv", ".txt", ".parquet")
+#: how long a prediction waits for another one extracting into the same feature cache (stage 1's lock_wait)
+CACHE_LOCK_WAIT_S = 600.0
 
 
 @dataclasses.dataclass
@@ -81,18 +83,19 @@ def from_shards(shards, metadata: ShardMetadata) -> Resolved:
 
 
 def _image_list_entry(paths: list[str], cache: Path) -> tuple[Path, dict[str, str]]:
-    """A cache folder holding ``images.csv`` (absolute paths) for loose image files; absolute → as given."""
+    """A cache folder holding ``images.csv`` (absolute paths) for loose image files; absolute → as given.
+
+    A missing file or a folder stays in the list: stage 1 records it ("listed file does not exist", "is a
+    directory") and it comes back as an error row, exactly as when the CLI is given the same list."""
     import pyarrow as pa
     import pyarrow.csv as pacsv
 
     absolute = {}
     for given in paths:
-        p = Path(given).expanduser()
-        if not p.exists():
-            raise FileNotFoundError(f"{given}: no such image file")
-        if p.is_dir():
-            raise IsADirectoryError(f"{given}: a folder inside a list of images; pass the folder on its own")
-        absolute.setdefault(os.path.abspath(p), given)
+        absolute.setdefault(os.path.abspath(Path(given).expanduser()), given)
+    if absolute and not any(os.path.exists(p) for p in absolute):
+        shown = ", ".join(list(absolute.values())[:3]) + (" …" if len(absolute) > 3 else "")
+        raise FileNotFoundError(f"none of the {len(absolute)} image file(s) exists: {shown}")
     entry = cache / f"files-{_digest(chr(0).join(sorted(absolute)))}"
     entry.mkdir(parents=True, exist_ok=True)
     listing = entry / "images.csv"
@@ -141,6 +144,8 @@ def from_images(images, metadata: ShardMetadata, *, features=None, weights=None,
         extra = dict(input_size=prep.get("input_size"), resize=prep.get("resize"),
                      interpolation=prep.get("interpolation"), mean=tuple(m / 255 for m in prep["mean"]),
                      std=tuple(s / 255 for s in prep["std"]))
+    # the cache is shared: a second prediction on the same images waits for the first (then finds them done)
+    stage1_options.setdefault("lock_wait", CACHE_LOCK_WAIT_S)
     extract_fn(os.fspath(source), os.fspath(out), backbone=backbone, weights=weights, onnx=onnx, progress=progress,
                **extra, **stage1_options)
     fs = shardformat.read_features(out, expect=metadata)

@@ -3,11 +3,41 @@
 Each plot is its own ``matplotlib.figure.Figure``, saved through the figure: no ``pyplot``, no
 ``matplotlib.use``, so training in a notebook leaves its plotting backend and its open figures as they were
 (``Figure.savefig`` renders with the Agg canvas whatever the backend), and nothing needs closing.
+
+Class names are user data (folder names): they are drawn as plain text, never parsed as mathtext (a class
+folder ``$\\foo$`` would otherwise stop the plot), and a plot that still fails costs that picture only, never
+the trained run: each function logs a warning and leaves its PNG out (the report says which file is missing).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import logging
+import os
+
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def _never_fatal(plot):
+    """A failing plot logs a warning and writes nothing; Ctrl-C and other non-``Exception`` errors still stop."""
+
+    @functools.wraps(plot)
+    def guarded(*args, **kwargs):
+        try:
+            plot(*args, **kwargs)
+        except Exception as exc:
+            path = inspect.signature(plot).bind(*args, **kwargs).arguments.get("path", "?")
+            log.warning("could not draw %s (%s: %s); the run is saved without this picture",
+                        os.path.basename(os.fspath(path)), type(exc).__name__, exc)
+            try:
+                os.unlink(path)  # never a half-written PNG
+            except (OSError, TypeError):
+                pass
+
+    return guarded
 
 
 def _figure(figsize):
@@ -16,6 +46,7 @@ def _figure(figsize):
     return Figure(figsize=figsize)
 
 
+@_never_fatal
 def plot_curves(history: dict[str, list[float]], path: str, best_epoch: int | None = None) -> None:
     from matplotlib.ticker import MaxNLocator
 
@@ -38,6 +69,7 @@ def plot_curves(history: dict[str, list[float]], path: str, best_epoch: int | No
     fig.savefig(path, dpi=110)
 
 
+@_never_fatal
 def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str = "confusion matrix (test)") -> None:
     cm = np.asarray(cm)
     k = len(classes)
@@ -48,11 +80,11 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str = "
     frac = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
     im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
     fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of true class")
-    ax.set_xticks(range(k), classes, rotation=45, ha="right")
-    ax.set_yticks(range(k), classes)
+    ax.set_xticks(range(k), classes, rotation=45, ha="right", parse_math=False)  # names as written
+    ax.set_yticks(range(k), classes, parse_math=False)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    ax.set_title(title)
+    ax.set_title(title, parse_math=False)
     if k <= 30:
         for i in range(k):
             for j in range(k):
@@ -63,6 +95,7 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: str, title: str = "
     fig.savefig(path, dpi=110)
 
 
+@_never_fatal
 def plot_reliability(bins: list[dict], ece: float | None, path: str, title: str = "reliability (test)") -> None:
     """Reliability diagram: accuracy per confidence bin against the diagonal, with the bin counts below."""
     fig = _figure((5, 6))
@@ -78,7 +111,7 @@ def plot_reliability(bins: list[dict], ece: float | None, path: str, title: str 
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"{title}: ECE {ece:.3f}" if ece is not None else title)
+    top.set_title(f"{title}: ECE {ece:.3f}" if ece is not None else title, parse_math=False)
     top.legend(loc="upper left")
     bottom.set_xlabel("confidence (probability of the predicted class)")
     bottom.set_ylabel("images")

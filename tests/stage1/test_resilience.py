@@ -201,11 +201,10 @@ def _whole_image_gray(img: Image.Image) -> np.ndarray:
         finite = arr[np.isfinite(arr)]
         top, bottom = (float(finite.max()), float(finite.min())) if finite.size else (0.0, 0.0)
         arr = np.nan_to_num(arr, nan=0.0, posinf=top, neginf=bottom)
-        if arr.max(initial=0) <= 255 and arr.min(initial=0) >= 0:
-            scaled = np.clip(arr, 0, 255)
-        else:
-            lo, hi = float(arr.min()), float(arr.max())
-            scaled = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
+        from stage1_extract.decoding.windowing import float_scale  # 0..1 and 0..255: scales; else stretched
+
+        black, white = float_scale(float(arr.min(initial=0)), float(arr.max(initial=0)))
+        scaled = np.clip((arr - black) * (255.0 / (white - black)), 0, 255) if white > black else np.zeros_like(arr)
     else:
         if arr.max(initial=0) > 255 or arr.min(initial=0) < 0 or img.mode.startswith("I;16"):
             from stage1_extract.decoding.windowing import auto_window_uint8  # 16-bit: the DICOM percentile window
@@ -225,6 +224,7 @@ def test_banded_conversion_equals_the_whole_image_arithmetic(monkeypatch):
     cases = [
         Image.fromarray(floats, "F"),
         Image.fromarray(np.clip(floats, 0, 255).astype(np.float32), "F"),  # already 0..255: kept
+        Image.fromarray(np.clip(floats / 400, 0, 1).astype(np.float32), "F"),  # the 0..1 scale
         Image.fromarray(np.full((9, 40), np.nan, np.float32), "F"),  # nothing finite
         Image.fromarray(rng.integers(0, 65535, size=(31, 13)).astype(np.uint16)),  # I;16
         Image.fromarray(rng.integers(0, 200, size=(31, 13)).astype(np.int32), "I"),  # 8-bit range in I
