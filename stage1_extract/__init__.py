@@ -31,6 +31,8 @@ _PUBLIC = {
     "Pixels": "stage1_extract.model.deploy",
     "find_model": "stage1_extract.model.deploy",
     "load_pixels": "stage1_extract.model.deploy",
+    "load_image": "stage1_extract.model.deploy",
+    "Preprocessing": "stage1_extract.model.preprocessing",
 }
 
 __all__ = sorted(_PUBLIC)
