@@ -26,15 +26,11 @@ import os
 
 import numpy as np
 
-from stage2_classify.errors import Stage2Error
+from stage2_classify.errors import ExplainError
 
 MAX_SIDE = 512  # the heatmap over the original image: longer side at most this many pixels
 EPS = 1e-12  # a map whose maximum is below this is all zeros
 BATCH = 16
-
-
-class ExplainError(Stage2Error, ValueError):
-    """A heatmap cannot be made for this run or this target."""
 
 
 def head_is_linear(steps) -> bool:
