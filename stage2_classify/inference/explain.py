@@ -27,45 +27,11 @@ import os
 import numpy as np
 
 from stage2_classify.errors import ExplainError
+from stage2_classify.inference.head_arrays import channel_weights, head_is_linear, head_layers
 
 MAX_SIDE = 512  # the heatmap over the original image: longer side at most this many pixels
 EPS = 1e-12  # a map whose maximum is below this is all zeros
 BATCH = 16
-
-
-def head_is_linear(steps) -> bool:
-    return sum(1 for kind, _ in steps if kind == "dense") == 1
-
-
-def logits_and_masks(steps, features: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-    """The class scores before the softmax (N×C) and each hidden layer's ReLU mask, in float64."""
-    h = np.asarray(features, np.float64)
-    masks = []
-    for kind, p in steps:
-        if kind == "standardise":
-            h = (h - p["mean"]) / p["std"]
-            continue
-        pre = h @ p["kernel"].astype(np.float64) + p["bias"].astype(np.float64)
-        if p["activation"] == "relu":
-            masks.append(pre > 0)
-            h = np.maximum(pre, 0.0)
-        else:
-            h = pre
-    return h, masks
-
-
-def channel_weights(steps, features: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """``∂z_t/∂f`` for every row (N×D): the last kernel's column ``t``, back through the ReLU masks and kernels,
-    times ``1/σ`` of the standardisation."""
-    _, masks = logits_and_masks(steps, features)
-    dense = [p for kind, p in steps if kind == "dense"]
-    g = dense[-1]["kernel"].astype(np.float64).T[np.asarray(target)]  # N×H
-    for p, mask in zip(reversed(dense[:-1]), reversed(masks)):
-        g = (g * mask) @ p["kernel"].astype(np.float64).T
-    for kind, p in steps:
-        if kind == "standardise":
-            g = g / p["std"]
-    return g
 
 
 def class_maps(steps, features: np.ndarray, feature_map: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -152,8 +118,6 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
     """
     import pandas as pd
     from stage1_extract import Preprocessing, Stage1Error, find_model, load_image, load_pixels
-
-    from stage2_classify.inference.export import head_layers
 
     meta = classifier.metadata
     steps = head_layers(classifier.model)

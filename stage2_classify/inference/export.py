@@ -30,6 +30,7 @@ import numpy as np
 
 from shardformat import atomic_write_bytes
 from stage2_classify.errors import ExportError
+from stage2_classify.inference.head_arrays import head_layers
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # largest |Δ probability| accepted against the two-stage fp32 path
 MAX_IR_VERSION = 10  # onnxruntime 1.31 loads IR ≤ 13; stage 1's opset-17 exports are IR 8
@@ -70,36 +71,6 @@ class ExportResult:
         ] + ([f"  heatmap  N×{self.preprocessing['input_size']}×{self.preprocessing['input_size']} over the input "
               f"crop, within {self.max_heatmap_difference:.1e} of Classifier.explain"]
              if self.max_heatmap_difference is not None else []))
-
-
-def head_layers(model) -> list[tuple[str, dict]]:
-    """The Keras head as plain arrays: ("standardise", mean, std) then ("dense", kernel, bias, activation)…"""
-    import keras
-
-    steps = []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind in ("InputLayer", "Dropout"):  # dropout does nothing at inference
-            continue
-        if kind == "Normalization":
-            mean = keras.ops.convert_to_numpy(layer.mean).reshape(-1).astype(np.float64)
-            var = keras.ops.convert_to_numpy(layer.variance).reshape(-1).astype(np.float64)
-            # Keras divides by max(sqrt(variance), epsilon)
-            steps.append(("standardise", {"mean": mean, "std": np.maximum(np.sqrt(var), keras.config.epsilon())}))
-        elif kind == "Dense":
-            activation = keras.activations.serialize(layer.activation)
-            activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name")
-            if activation not in ("relu", "softmax", "linear"):
-                raise ExportError(f"layer {layer.name}: activation {activation!r} has no ONNX conversion here")
-            kernel, bias = (keras.ops.convert_to_numpy(w) for w in (layer.kernel, layer.bias))
-            steps.append(("dense", {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32),
-                                    "activation": activation}))
-        else:
-            raise ExportError(f"layer {layer.name} ({kind}) has no ONNX conversion; the head must be "
-                              "Normalization → Dense/Dropout layers")
-    if not steps or steps[-1][0] != "dense" or steps[-1][1]["activation"] != "softmax":
-        raise ExportError("the head must end in a softmax Dense layer")
-    return steps
 
 
 def heatmap_nodes(steps, logits: str, grid: tuple[int, int], size: int, const, const_i64):
