@@ -88,7 +88,7 @@ def heatmap_nodes(steps, logits: str, grid: tuple[int, int], size: int, const, c
              helper.make_node("Gather", [const("hm_last_t", last["kernel"].T), P + "target"], [P + "g"], axis=0)]
     g = P + "g"
     for i, p in reversed(dense[:-1]):
-        nodes += [helper.make_node("Greater", [f"{PREFIX}pre_{i}", const("hm_zero", np.zeros(1))], [P + f"on_{i}"]),
+        nodes += [helper.make_node("Greater", [f"{PREFIX}pre_{i}", const(f"hm_zero_{i}", np.zeros(1))], [P + f"on_{i}"]),
                   helper.make_node("Cast", [P + f"on_{i}"], [P + f"mask_{i}"], to=TensorProto.FLOAT),
                   helper.make_node("Mul", [g, P + f"mask_{i}"], [P + f"gm_{i}"]),
                   helper.make_node("MatMul", [P + f"gm_{i}", const(f"hm_kt_{i}", p["kernel"].T)], [P + f"g_{i}"])]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 
 import numpy as np
 
@@ -73,3 +74,24 @@ def overlay_png(image: np.ndarray, heatmap: np.ndarray, crop, lines: list[str], 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     return buf.getvalue()
+
+
+def gallery_overlays(run, paths, locate) -> tuple[dict[str, str], list[str]]:
+    """Overlay thumbnails (heatmap of the run's predicted class) for a gallery's ``paths`` (``locate``: path →
+    file or None), keyed by path, and notes on what could not be shown; never raises (a report must not fail
+    for want of a heatmap)."""
+    located = {p: locate(p) for p in paths}
+    by_file = {os.fspath(f): p for p, f in located.items() if f is not None}
+    if run is None or not by_file:
+        return {}, []
+    files = list(by_file)
+    try:
+        from stage2_classify.inference.classifier import Classifier
+
+        frame = Classifier.load(run).explain(list(files), keep_images=True)
+    except Exception as exc:  # noqa: BLE001  (no backbone, no feature map, a user ONNX file not given…)
+        return {}, [f"heatmaps are not shown: {exc}"]
+    uris = {by_file[r.path]: thumbnail_uri(r.image, r.heatmap, r.crop) for r in frame.itertuples()
+            if isinstance(r.heatmap, np.ndarray) and r.path in by_file}
+    failed = len(files) - len(uris)
+    return uris, ([f"heatmaps could not be made for {failed} of {len(files)} images"] if failed else [])
