@@ -17,7 +17,7 @@ import os
 import numpy as np
 
 from shardformat import IncompatibleShardsError, ShardMetadata
-from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model
+from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model, with_feature_map
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.errors import InputNotFoundError, OptionError
 
@@ -64,10 +64,12 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
 
     meta = _as_metadata(metadata)
     precision = precision or meta.precision
-    if precision == meta.precision and onnx is None and not feature_map:
+    if precision == meta.precision and onnx is None:
         cached = _from_cache(meta)
-        if cached is not None:
+        if cached is not None and not feature_map:
             return cached
+        if cached is not None and meta.backbone.startswith("onnx:"):  # its map, from the cached export itself
+            return with_feature_map(cached)
     prep = Preprocessing.from_dict(meta.preprocessing)
     if meta.backbone.startswith("onnx:"):
         if precision != meta.precision:

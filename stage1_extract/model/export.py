@@ -271,6 +271,23 @@ def wrap_user_onnx(
     )
 
 
+def with_feature_map(model: ExtractorModel) -> ExtractorModel:
+    """The ``feature_map`` variant of a cached extractor whose pooling stage 1 added (a user ONNX model with an
+    N×C×H×W output), made from the extractor's own file: no need for the user's model file again."""
+    import onnx
+
+    from stage1_extract.model.onnx_graph import expose_feature_map
+
+    key_fields = {"from_onnx_sha256": model.onnx_sha256, "format": EXPORT_FORMAT, "feature_map": True}
+    onnx_path, info_path, info = _cached(key_fields, Path(model.onnx_path).stem + "-map")
+    if info is None:
+        data = expose_feature_map(onnx.load(model.onnx_path)).SerializeToString()
+        atomic_write_bytes(onnx_path, data)
+        info = {**key_fields, "onnx_sha256": hashlib.sha256(data).hexdigest(), "feature_dim": model.feature_dim}
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return dataclasses.replace(model, onnx_path=str(onnx_path), onnx_sha256=info["onnx_sha256"], feature_map=True)
+
+
 def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
                   input_size=None, resize=None, mean=None, std=None, interpolation=None,
                   feature_map: bool = False) -> ExtractorModel:

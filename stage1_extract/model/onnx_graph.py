@@ -125,3 +125,18 @@ def add_preprocessing_and_pooling(model: onnx.ModelProto, prep: Preprocessing, *
     graph.output.extend(outputs)
     onnx.checker.check_model(out)
     return out
+
+
+def expose_feature_map(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a wrapped extractor whose pooling was added here (a model with an N×C×H×W output) with the map
+    before that pooling as a second output, ``feature_map``; the first output and every value are unchanged."""
+    pools = [n for n in model.graph.node if n.op_type == "GlobalAveragePool" and list(n.output) == ["ht_post_gap"]]
+    if not pools:
+        raise OnnxModelError("this extractor's model outputs a pooled vector: it has no feature map to output")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.node.append(helper.make_node("Cast", [pools[0].input[0]], [FEATURE_MAP_NAME], to=TensorProto.FLOAT))
+    out.graph.output.append(helper.make_tensor_value_info(FEATURE_MAP_NAME, TensorProto.FLOAT,
+                                                          ["batch", None, None, None]))
+    onnx.checker.check_model(out)
+    return out

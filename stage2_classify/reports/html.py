@@ -170,7 +170,9 @@ class Thumbnails:
             return None
 
     def img(self, path: str, uri: str | None = None) -> str:
-        uri = uri or self.uri(path)
+        if uri is not None:  # a heatmap overlay
+            return f'<img class="overlay" alt="{esc(path)} with its heatmap" src="{uri}">'
+        uri = self.uri(path)
         if uri is not None:
             return f'<img alt="{esc(path)}" src="{uri}">'
         if self.root is None and not os.path.isabs(path):
