@@ -176,9 +176,11 @@ class Classifier:
 
     def explain(self, images, *, target: str = "predicted", **kwargs):
         """Heatmaps of what each prediction looked at (CAM / closed-form Grad-CAM), one DataFrame row per image
-        (see :func:`stage2_classify.inference.explain.explain`)."""
+        (see :func:`stage2_classify.inference.explain.explain`); a fine-tuned run uses its own backbone weights."""
         from stage2_classify.inference.explain import explain
 
+        if kwargs.get("weights") is None:
+            kwargs["weights"] = getattr(self._run, "weights", None)  # fine-tuned runs (issue 20): their own file
         return explain(self, images, target=target, **kwargs)
 
     def __repr__(self) -> str:
