@@ -12,7 +12,9 @@ Measured, on the held-out images:
 * agreement with an independent reference: autograd Grad-CAM on the torch model (timm's ``forward_features``
   with the same weights, the head rebuilt in torch from the Keras weights), per-image Pearson correlation;
 * cost on the CPU: ``Classifier.predict`` on the images (extraction into a fresh feature folder, then the
-  head) against ``Classifier.explain`` on the same images (baseline and candidate in the same run).
+  head) against ``Classifier.explain`` on the same images (baseline and candidate in the same run, both
+  warmed up, alternated, best of two); the first explain call, which exports the feature-map variant once,
+  is reported on its own.
 
     python bench/explain.py --out bench/results/explain-cpu.json
 """
@@ -91,17 +93,26 @@ def run_head(name: str, hidden, root: Path, features: Path, held: Path, marked: 
     run = root / f"run-{name}"
     train(features, run, hidden=hidden, epochs=60, patience=8, progress=False, seed=0)
     clf = Classifier.load(run)
+    few = sorted(str(p) for p in held.rglob("*.png"))[:4]
     t = time.perf_counter()
-    clf.predict(str(held), features=root / f"held-features-{name}", progress=False, workers=1)
-    t_predict = time.perf_counter() - t
-    t = time.perf_counter()
-    frame = clf.explain(str(held))
-    t_explain = time.perf_counter() - t
+    clf.explain(few)  # the first call exports the backbone's feature-map variant once (then cached)
+    t_first = time.perf_counter() - t
+    clf.predict(few, features=root / f"warm-{name}", progress=False, workers=1)
+    t_predict, t_explain = [], []
+    for repeat in range(2):  # alternated, best of two: the machine is shared
+        t = time.perf_counter()
+        clf.predict(str(held), features=root / f"held-features-{name}-{repeat}", progress=False, workers=1)
+        t_predict.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        frame = clf.explain(str(held))
+        t_explain.append(time.perf_counter() - t)
+    t_predict, t_explain = min(t_predict), min(t_explain)
     labels = [Path(p).parent.name for p in frame["path"]]
     result = {"hidden": hidden, "method": frame["method"].iloc[0],
               "test_accuracy": float(np.mean(np.asarray(labels) == frame["predicted"].to_numpy(str))),
               "seconds": {"predict_from_images": t_predict, "explain": t_explain,
-                          "overhead_ratio": t_explain / t_predict, "images": len(frame)},
+                          "overhead_ratio": t_explain / t_predict, "images": len(frame),
+                          "first_explain_of_4_images_with_feature_map_export": t_first},
               "python_api": shortcut_rates(frame["heatmap"], frame["image_size"], labels, marked)}
     out = root / f"cli-{name}"
     subprocess.run([sys.executable, "-m", "stage2_classify", "explain", "--run", str(run), "--images", str(held),

@@ -138,6 +138,7 @@ def test_report_thumbnails_show_dicom_through_stage1s_window():
     assert uri is not None and uri.startswith("data:image/jpeg;base64,") and not thumbs.problems()
 
 
+@pytest.mark.slow  # about 25 s on 2 cores: Lite0's two exports and 68 digits
 def test_planted_shortcut_found_by_explain_and_matches_autograd_on_lite0(tmp_path):
     """Real digits, one class marked with a white square: the heatmap peaks on the marker for that class."""
     from stage1_extract.model.registry import get_backbone
