@@ -36,6 +36,8 @@ _PUBLIC = {
     "torch_backbone": "stage1_extract.model.finetuned",
     "read_finetuned": "stage1_extract.model.finetuned",
     "write_finetuned": "stage1_extract.model.finetuned",
+    "load_image": "stage1_extract.model.deploy",
+    "Preprocessing": "stage1_extract.model.preprocessing",
 }
 
 __all__ = sorted(_PUBLIC)

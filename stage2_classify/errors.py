@@ -32,10 +32,14 @@ class ExportError(Stage2Error, RuntimeError):
     """The merged model does not reproduce the two-stage path, or the head cannot be converted."""
 
 
+class ExplainError(Stage2Error, ValueError):
+    """A heatmap cannot be made for this run or this target (a backbone without a feature map, an unknown class)."""
+
+
 class DoctorError(DatasetError):
     """The doctor cannot run on these inputs as given (no shards, an out-of-fold file that does not match, …)."""
 
 
-for _error in (Stage2Error, DatasetError, RunDirError, BackendError, ExportError, DoctorError):
+for _error in (Stage2Error, DatasetError, RunDirError, BackendError, ExportError, ExplainError, DoctorError):
     _error.__module__ = "stage2_classify"
 del _error

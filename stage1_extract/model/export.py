@@ -18,10 +18,10 @@ import numpy as np
 
 from shardformat import atomic_write_bytes
 from stage1_extract.errors import InputError, InputNotFoundError, OptionError, Stage1Error
-from stage1_extract.model.onnx_graph import INPUT_NAME, OUTPUT_NAME, add_preprocessing_and_pooling
+from stage1_extract.model.onnx_graph import FEATURE_MAP_NAME, INPUT_NAME, OUTPUT_NAME, add_preprocessing_and_pooling
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.model.registry import BackboneSpec, get_backbone
-from stage1_extract.model.weights import build_feature_model, file_sha256, weights_source
+from stage1_extract.model.weights import build_feature_map_model, build_feature_model, file_sha256, weights_source
 
 OPSET = 17
 EXPORT_FORMAT = 2  # bump when the exported graph's layout changes, to invalidate caches
@@ -45,6 +45,7 @@ class ExtractorModel:
     precision: str
     #: where a fine-tuned backbone came from (``--backbone-from``; :mod:`stage1_extract.model.finetuned`), else None
     provenance: dict | None = None
+    feature_map: bool = False  # the graph also outputs ``feature_map`` (N×D×h×w; ``features`` is its average)
 
 
 def cache_dir() -> Path:
@@ -111,6 +112,30 @@ def _verify(onnx_bytes: bytes, torch_model, prep: Preprocessing, precision: str,
     return err
 
 
+def _verify_map(onnx_bytes: bytes, map_model, prep: Preprocessing, precision: str, name: str) -> None:
+    """The ``feature_map`` output against torch's map, and ``features`` against the map's average."""
+    import onnxruntime as ort
+    import torch
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(2, prep.input_size, prep.input_size, 3), dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    x = (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        reference = map_model.float()(x).numpy()
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(onnx_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+    features, fmap = sess.run([OUTPUT_NAME, FEATURE_MAP_NAME], {INPUT_NAME: images})
+    err = float(np.abs(fmap - reference).max() / max(np.abs(reference).max(), 1e-12)) \
+        if fmap.shape == reference.shape else np.inf
+    pooled = float(np.abs(fmap.mean(axis=(2, 3)) - features).max() / max(np.abs(features).max(), 1e-12))
+    if not (err < TOLERANCE[precision] and pooled < TOLERANCE[precision]):
+        raise ExportVerificationError(
+            f"{name} ({precision}): the exported feature map differs from torch's (shape {fmap.shape} vs "
+            f"{reference.shape}, relative error {err:.2e}) or does not average to the features ({pooled:.2e})")
+
+
 def _torch_to_onnx(torch_model, prep: Preprocessing, precision: str) -> bytes:
     import torch
 
@@ -136,11 +161,15 @@ def export_backbone(
     input_size: int | None = None,
     resize: int | None = None,
     provenance: dict | None = None,
+    feature_map: bool = False,
 ) -> ExtractorModel:
     """Return the cached, verified ONNX extractor for a registry backbone, exporting it if needed.
 
     ``input_size``/``resize`` override the spec's (a backbone fine-tuned at a lower resolution);
-    ``provenance`` is recorded as given (see :mod:`stage1_extract.model.finetuned`)."""
+    ``provenance`` is recorded as given (see :mod:`stage1_extract.model.finetuned`). ``feature_map``: a separate
+    cached variant whose graph also outputs the last convolutional map (``feature_map``, N×D×h×w) that
+    ``features`` averages, for heatmaps; the plain extractor is unchanged.
+    """
     import onnx
 
     spec = backbone if isinstance(backbone, BackboneSpec) else get_backbone(backbone)
@@ -150,12 +179,20 @@ def export_backbone(
     prep = spec.preprocessing.at_size(input_size, resize)
     key_fields = {"backbone": spec.name, "weights": source.weights_id, "opset": OPSET, "precision": precision,
                   "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
-    onnx_path, info_path, info = _cached(key_fields, f"{spec.name}-{precision}")
+    if feature_map:
+        _check_feature_map(spec)
+        key_fields["feature_map"] = spec.feature_map_layer  # only here: the plain extractor's key is unchanged
+    stem = f"{spec.name}-{precision}" + ("-map" if feature_map else "")
+    onnx_path, info_path, info = _cached(key_fields, stem)
     if info is None or force:
-        torch_model = build_feature_model(spec, source.load_state_dict())
-        core = onnx.load_from_string(_torch_to_onnx(torch_model, prep, precision))
-        wrapped = add_preprocessing_and_pooling(core, prep).SerializeToString()
+        state = source.load_state_dict()
+        torch_model = build_feature_model(spec, state)
+        traced = build_feature_map_model(spec, state) if feature_map else torch_model
+        core = onnx.load_from_string(_torch_to_onnx(traced, prep, precision))
+        wrapped = add_preprocessing_and_pooling(core, prep, feature_map=feature_map).SerializeToString()
         err = _verify(wrapped, torch_model, prep, precision, spec.name)
+        if feature_map:
+            _verify_map(wrapped, traced, prep, precision, spec.name)
         atomic_write_bytes(onnx_path, wrapped)
         info = {**key_fields, "onnx_sha256": hashlib.sha256(wrapped).hexdigest(),
                 "feature_dim": spec.feature_dim, "verified_relative_error": err}
@@ -169,6 +206,7 @@ def export_backbone(
         feature_dim=int(info["feature_dim"]),
         precision=precision,
         provenance=provenance,
+        feature_map=feature_map,
     )
 
 
@@ -219,6 +257,12 @@ def user_onnx_sha256(src: Path, model) -> str:
     return h.hexdigest()
 
 
+def _check_feature_map(spec: BackboneSpec) -> None:
+    if spec.feature_map_layer is None:
+        raise OptionError(f"backbone {spec.name} has no feature map for heatmaps: its pooled vector is not the "
+                          "plain average of its last convolutional map")
+
+
 def wrap_user_onnx(
     path: str | os.PathLike,
     *,
@@ -227,11 +271,14 @@ def wrap_user_onnx(
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406),
     std: tuple[float, float, float] = (0.229, 0.224, 0.225),
     interpolation: str = "bilinear",
+    feature_map: bool = False,
 ) -> ExtractorModel:
     """Bring your own ONNX model: add the uint8 preprocessing front and pooling back, cache the result.
 
     ``mean``/``std`` are on the 0–1 scale (the usual convention); ``input_size`` is read from the model
-    when its spatial dimensions are fixed; ``resize`` defaults to ``input_size / 0.875``.
+    when its spatial dimensions are fixed; ``resize`` defaults to ``input_size / 0.875``. ``feature_map``:
+    the variant that also outputs the model's N×C×H×W output before pooling (models with a pooled output
+    have none).
     """
     import onnx
 
@@ -259,9 +306,11 @@ def wrap_user_onnx(
     prep = Preprocessing.from_fractions(input_size, resize or round(input_size / 0.875), interpolation, mean, std)
     precision = "fp16" if elem == onnx.TensorProto.FLOAT16 else "fp32"
     key_fields = {"user_onnx": user_sha, "format": EXPORT_FORMAT, "preprocessing": prep.to_dict()}
-    onnx_path, info_path, info = _cached(key_fields, f"user-{src.stem}")
+    if feature_map:
+        key_fields["feature_map"] = True
+    onnx_path, info_path, info = _cached(key_fields, f"user-{src.stem}" + ("-map" if feature_map else ""))
     if info is None:
-        wrapped = add_preprocessing_and_pooling(model, prep).SerializeToString()
+        wrapped = add_preprocessing_and_pooling(model, prep, feature_map=feature_map).SerializeToString()
         probe = np.zeros((1, prep.input_size, prep.input_size, 3), dtype=np.uint8)
         providers = ["CUDAExecutionProvider"] if precision == "fp16" else ["CPUExecutionProvider"]
         try:
@@ -279,25 +328,45 @@ def wrap_user_onnx(
         preprocessing=prep,
         feature_dim=int(info["feature_dim"]),
         precision=precision,
+        feature_map=feature_map,
     )
+
+
+def with_feature_map(model: ExtractorModel) -> ExtractorModel:
+    """The ``feature_map`` variant of a cached extractor whose pooling stage 1 added (a user ONNX model with an
+    N×C×H×W output), made from the extractor's own file: no need for the user's model file again."""
+    import onnx
+
+    from stage1_extract.model.onnx_graph import expose_feature_map
+
+    key_fields = {"from_onnx_sha256": model.onnx_sha256, "format": EXPORT_FORMAT, "feature_map": True}
+    onnx_path, info_path, info = _cached(key_fields, Path(model.onnx_path).stem + "-map")
+    if info is None:
+        data = expose_feature_map(onnx.load(model.onnx_path)).SerializeToString()
+        atomic_write_bytes(onnx_path, data)
+        info = {**key_fields, "onnx_sha256": hashlib.sha256(data).hexdigest(), "feature_dim": model.feature_dim}
+        atomic_write_bytes(info_path, json.dumps(info, indent=1).encode())
+    return dataclasses.replace(model, onnx_path=str(onnx_path), onnx_sha256=info["onnx_sha256"], feature_map=True)
 
 
 def prepare_model(backbone: str | None = None, *, weights=None, onnx=None, precision: str = "fp32",
                   input_size=None, resize=None, mean=None, std=None, interpolation=None,
-                  backbone_from=None) -> ExtractorModel:
+                  backbone_from=None, feature_map: bool = False) -> ExtractorModel:
     """The ONNX extractor for a registry backbone (exported and cached), a fine-tuned one (``backbone_from``: a
-    fine-tuned run directory) or a user's ONNX file. ``input_size``/``resize`` apply to registry backbones too."""
+    fine-tuned run directory) or a user's ONNX file. ``input_size``/``resize`` apply to registry backbones too;
+    ``feature_map``: the variant that also outputs the last convolutional map (for heatmaps)."""
     if backbone_from is not None:
         from stage1_extract.model.finetuned import read_finetuned
 
         tuned = read_finetuned(backbone_from, backbone=backbone, weights=weights, onnx=onnx, input_size=input_size)
         return export_backbone(tuned.backbone, weights=tuned.weights, precision=precision,
-                               input_size=tuned.input_size, resize=tuned.resize, provenance=tuned.provenance)
+                               input_size=tuned.input_size, resize=tuned.resize, provenance=tuned.provenance,
+                               feature_map=feature_map)
     if onnx is not None:
         kwargs = {k: v for k, v in dict(input_size=input_size, resize=resize, mean=mean, std=std,
                                         interpolation=interpolation).items() if v is not None}
-        return wrap_user_onnx(onnx, **kwargs)
+        return wrap_user_onnx(onnx, feature_map=feature_map, **kwargs)
     from stage1_extract.model.registry import DEFAULT_BACKBONE
 
     return export_backbone(backbone or DEFAULT_BACKBONE, weights=weights, precision=precision,
-                           input_size=input_size, resize=resize)
+                           input_size=input_size, resize=resize, feature_map=feature_map)

@@ -17,6 +17,7 @@ from stage1_extract.errors import Stage1Error
 
 INPUT_NAME = "images"
 OUTPUT_NAME = "features"
+FEATURE_MAP_NAME = "feature_map"  # the optional second output: float32 N×D×h×w, averaged into ``features``
 
 
 class OnnxModelError(Stage1Error, ValueError):
@@ -50,10 +51,13 @@ def describe_input(model: onnx.ModelProto) -> tuple[str, int, list]:
     return inp.name, elem, dims
 
 
-def add_preprocessing_and_pooling(model: onnx.ModelProto, prep: Preprocessing) -> onnx.ModelProto:
+def add_preprocessing_and_pooling(model: onnx.ModelProto, prep: Preprocessing, *,
+                                  feature_map: bool = False) -> onnx.ModelProto:
     """Return a copy of ``model`` whose input is uint8 NHWC ``images`` and output float32 ``features``.
 
     The model's first output is the feature: N×D is used as is, N×C×H×W is global-average pooled.
+    ``feature_map``: also output the N×C×H×W map itself as float32 ``feature_map`` (for heatmaps); the model's
+    output must then be that map.
     """
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -105,11 +109,34 @@ def add_preprocessing_and_pooling(model: onnx.ModelProto, prep: Preprocessing) -
         raise OnnxModelError(
             f"output {feat.name!r} has rank {rank}; expected a pooled N×D vector or an N×C×H×W feature map"
         )
+    elif feature_map:
+        raise OnnxModelError(f"output {feat.name!r} is a pooled N×D vector: the model has no feature map to "
+                             "output (heatmaps need a model whose output is its N×C×H×W map)")
     post_nodes.append(helper.make_node("Cast", [src], [OUTPUT_NAME], to=TensorProto.FLOAT))
+    outputs = [helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", None])]
+    if feature_map:
+        post_nodes.append(helper.make_node("Cast", [feat.name], [FEATURE_MAP_NAME], to=TensorProto.FLOAT))
+        outputs.append(helper.make_tensor_value_info(FEATURE_MAP_NAME, TensorProto.FLOAT,
+                                                     ["batch", None, None, None]))
     old_nodes = list(graph.node)
     del graph.node[:]
     graph.node.extend(pre_nodes + old_nodes + post_nodes)
     del graph.output[:]
-    graph.output.extend([helper.make_tensor_value_info(OUTPUT_NAME, TensorProto.FLOAT, ["batch", None])])
+    graph.output.extend(outputs)
+    onnx.checker.check_model(out)
+    return out
+
+
+def expose_feature_map(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of a wrapped extractor whose pooling was added here (a model with an N×C×H×W output) with the map
+    before that pooling as a second output, ``feature_map``; the first output and every value are unchanged."""
+    pools = [n for n in model.graph.node if n.op_type == "GlobalAveragePool" and list(n.output) == ["ht_post_gap"]]
+    if not pools:
+        raise OnnxModelError("this extractor's model outputs a pooled vector: it has no feature map to output")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    out.graph.node.append(helper.make_node("Cast", [pools[0].input[0]], [FEATURE_MAP_NAME], to=TensorProto.FLOAT))
+    out.graph.output.append(helper.make_tensor_value_info(FEATURE_MAP_NAME, TensorProto.FLOAT,
+                                                          ["batch", None, None, None]))
     onnx.checker.check_model(out)
     return out

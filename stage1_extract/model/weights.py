@@ -155,8 +155,6 @@ def build_torch_classifier(spec: BackboneSpec, state_dict: dict):
     return model.eval()
 
 
-
-
 def build_feature_model(spec: BackboneSpec, state_dict: dict):
     """A torch module mapping normalised NCHW float input to the pooled (N, feature_dim) vector."""
     return feature_view(spec, build_torch_classifier(spec, state_dict))
@@ -200,3 +198,42 @@ def classifier_state_dict(spec: BackboneSpec, features, original: dict) -> dict:
     removed = spec.feature_layer + "."
     state.update({k: v for k, v in original.items() if k.startswith(removed)})
     return state
+
+
+def _module(model, dotted: str):
+    for part in dotted.split("."):
+        model = model[int(part)] if part.isdigit() else getattr(model, part)
+    return model
+
+
+def build_feature_map_model(spec: BackboneSpec, state_dict: dict):
+    """A torch module mapping normalised NCHW float input to the last convolutional map (N, feature_dim, h, w),
+    whose global average is :func:`build_feature_model`'s pooled vector (the export checks that it is).
+
+    The map is the output of the registry's ``feature_map_layer``, caught by a forward hook (the layers after
+    it do not reach the output, so the exported graph leaves them out).
+    """
+    import torch
+
+    if spec.feature_map_layer is None:
+        raise Stage1Error(f"backbone {spec.name}: its pooled vector is not the plain average of a convolutional "
+                          "map, so it has no feature map for heatmaps")
+    model = build_torch_classifier(spec, state_dict)
+    layer = _module(model, spec.feature_map_layer)
+    relu = spec.feature_map_activation == "relu"
+
+    class FeatureMap(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+            self.caught = []
+            layer.register_forward_hook(lambda _m, _i, out: self.caught.append(out))
+
+        def forward(self, x):
+            self.caught.clear()
+            self.net(x)
+            out = self.caught[-1]
+            self.caught.clear()
+            return torch.relu(out) if relu else out
+
+    return FeatureMap(model).eval()

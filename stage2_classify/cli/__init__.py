@@ -1,8 +1,8 @@
-"""``stage2-classify``: train / evaluate / predict / export / sweep / cv / doctor on feature shards.
+"""``stage2-classify``: train / evaluate / predict / export / explain / sweep / cv / doctor on feature shards.
 
 One module per command group (``training``: train, sweep, cv; ``using``: evaluate, predict, export;
-``doctor``; ``finetune``), their flags built from the option dataclasses of :mod:`stage2_classify.options`. Keras and torch
-are imported only once a command runs, so ``--help`` is instant.
+``explain``; ``doctor``; ``finetune``), their flags built from the option dataclasses of
+:mod:`stage2_classify.options`. Keras and torch are imported only once a command runs, so ``--help`` is instant.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from stage2_classify.cli import doctor, finetune, training, using
+from stage2_classify.cli import doctor, explain, finetune, training, using
 from stage2_classify.cli.common import EPILOG, RAW
 from stage2_classify.options import parse_hidden  # noqa: F401  (its old home; the pipeline CLI used it from here)
 
@@ -24,9 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG, formatter_class=RAW,
     )
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{train,evaluate,predict,export,sweep,cv,doctor,finetune}")
+                                metavar="{train,evaluate,predict,export,explain,sweep,cv,doctor,finetune}")
     training.add_parsers(sub)
     using.add_parsers(sub)
+    explain.add_parser(sub)
     doctor.add_parser(sub)
     finetune.add_parser(sub)
     return parser

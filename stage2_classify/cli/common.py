@@ -13,6 +13,7 @@ EPILOG = """examples:
   stage2-classify predict  --features new_feats --run work/runs/first --out predictions.csv
   stage2-classify predict  --images photo.jpg --run work/runs/first --out predictions.csv --top-k 5
   stage2-classify export   --run work/runs/first --out model.onnx --images data/animal_mnist
+  stage2-classify explain  --run work/runs/first --images new_photos/ --out explained/
   stage2-classify sweep    --features feats --out sweeps/a --hidden 0,256,512,512x256 --dropout 0.2,0.4
   stage2-classify cv       --features feats --out cv/a --folds 5
   stage2-classify train    --features other_backbone_feats --out runs/b --split-file work/runs/first/split.csv

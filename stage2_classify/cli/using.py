@@ -58,6 +58,8 @@ def add_parsers(sub) -> None:
                    "up to 64 are used); without it, random pixels")
     x.add_argument("--weights", default=None, help="the --weights file the run's backbone used, if any")
     x.add_argument("--onnx", default=None, help="the user ONNX model the run was trained on, if any")
+    x.add_argument("--heatmap", action="store_true", help="add a 'heatmap' output (N×S×S over the input crop, "
+                   "in [0, 1]) of what the predicted class looked at, computed in the graph (docs/explain.md)")
     x.set_defaults(handler=run_export)
 
 
@@ -88,4 +90,4 @@ def run_export(args) -> None:
     from stage2_classify.inference.export import export
 
     print(export(Classifier.load(args.run), args.out, precision=args.precision, images=args.images,
-                 weights=args.weights, onnx=args.onnx).format())
+                 weights=args.weights, onnx=args.onnx, heatmap=args.heatmap).format())

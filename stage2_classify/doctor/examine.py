@@ -95,7 +95,7 @@ def doctor(features: str | os.PathLike, out: str | os.PathLike, *, images: str |
         t = time.perf_counter()
         context = dict(unit=rows["unit"], paths=rows["paths"], labels=rows["labels"], probs=found["probs"],
                        oof_classes=found["oof_classes"], scores=found["scores"],
-                       images=images_root(features, images, rows["notes"]), seed=seed)
+                       images=images_root(features, images, rows["notes"]), seed=seed, run=run)
         report_path = write_doctor_report(out / "report.html", summary, found["issues"], found["duplicates"],
                                           found["outliers"], context)
         timings["report"] = time.perf_counter() - t

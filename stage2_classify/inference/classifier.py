@@ -181,6 +181,12 @@ class Classifier:
 
         return Classifier.load(finetune(self.run_dir, out, images=images, **kwargs).run_dir)
 
+    def explain(self, images, *, target: str = "predicted", **kwargs):
+        """Heatmaps of what each prediction looked at (CAM / closed-form Grad-CAM), one DataFrame row per image
+        (see :func:`stage2_classify.inference.explain.explain`); a fine-tuned run uses its own backbone weights."""
+        from stage2_classify.inference.explain import explain
+        return explain(self, images, target=target, **kwargs)
+
     def __repr__(self) -> str:
         return (f"Classifier({os.fspath(self.run_dir)!r}, {len(self.classes)} classes, "
                 f"backbone={self.metadata.backbone}, dim={self.metadata.feature_dim})")

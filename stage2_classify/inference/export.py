@@ -7,6 +7,11 @@ run's ``onnx_sha256``), the head's standardisation, dense layers and softmax (co
 weights), and the open-set distance. Outputs: ``probabilities`` (float32 N×C, columns in ``labels`` order)
 and, when the run has an open-set detector, ``ood_score`` (float32 N; ``> ood_threshold`` means unknown).
 
+With ``heatmap=True`` the backbone is stage 1's ``feature_map`` variant and a third output ``heatmap``
+(float32 N×S×S over the input crop, in [0, 1]) explains the predicted class, computed in the graph by the
+closed form of :mod:`stage2_classify.inference.explain` (CAM / Grad-CAM as products of the head's weight
+matrices and ReLU masks: no autograd), and verified against :meth:`Classifier.explain`'s arithmetic.
+
 ``metadata_props``: ``labels`` (JSON list), ``preprocessing`` (JSON: input_size, resize, interpolation, crop,
 mean, std), ``ood_threshold``, ``backbone``, ``precision``. The file is verified before it is written:
 the merged graph and the two-stage path (stage-1 ONNX → Keras head) must agree on the same pixels, real
@@ -25,6 +30,7 @@ import numpy as np
 
 from shardformat import atomic_write_bytes
 from stage2_classify.errors import ExportError
+from stage2_classify.inference.head_arrays import head_layers
 
 TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # largest |Δ probability| accepted against the two-stage fp32 path
 MAX_IR_VERSION = 10  # onnxruntime 1.31 loads IR ≤ 13; stage 1's opset-17 exports are IR 8
@@ -46,6 +52,7 @@ class ExportResult:
     opset: int
     size_bytes: int
     verified_provider: str = "CPUExecutionProvider"  # where the merged model ran for the check
+    max_heatmap_difference: float | None = None  # None: no heatmap output
 
     def format(self) -> str:
         ood = (f", ood_score within {self.max_ood_score_difference:.1e} (relative)"
@@ -61,41 +68,55 @@ class ExportResult:
             f"  verified ({self.verified_provider}) against the two-stage path on {self.verified_images} "
             f"{self.verified_on}: largest "
             f"probability difference {self.max_probability_difference:.2e}{ood}",
-        ])
+        ] + ([f"  heatmap  N×{self.preprocessing['input_size']}×{self.preprocessing['input_size']} over the input "
+              f"crop, within {self.max_heatmap_difference:.1e} of Classifier.explain"]
+             if self.max_heatmap_difference is not None else []))
 
 
-def head_layers(model) -> list[tuple[str, dict]]:
-    """The Keras head as plain arrays: ("standardise", mean, std) then ("dense", kernel, bias, activation)…"""
-    import keras
+def heatmap_nodes(steps, logits: str, grid: tuple[int, int], size: int, const, const_i64):
+    """Nodes computing ``heatmap`` (N×S×S) from ``feature_map`` and the head's ``logits`` for the predicted
+    class: the closed-form channel weights, their weighted sum of the map, ReLU, ÷max, bilinear upsampling
+    (as matrices, the same arithmetic as :mod:`stage2_classify.inference.explain`)."""
+    from onnx import TensorProto, helper
 
-    steps = []
-    for layer in model.layers:
-        kind = type(layer).__name__
-        if kind in ("InputLayer", "Dropout"):  # dropout does nothing at inference
-            continue
-        if kind == "Normalization":
-            mean = keras.ops.convert_to_numpy(layer.mean).reshape(-1).astype(np.float64)
-            var = keras.ops.convert_to_numpy(layer.variance).reshape(-1).astype(np.float64)
-            # Keras divides by max(sqrt(variance), epsilon)
-            steps.append(("standardise", {"mean": mean, "std": np.maximum(np.sqrt(var), keras.config.epsilon())}))
-        elif kind == "Dense":
-            activation = keras.activations.serialize(layer.activation)
-            activation = activation if isinstance(activation, str) else activation.get("config", {}).get("name")
-            if activation not in ("relu", "softmax", "linear"):
-                raise ExportError(f"layer {layer.name}: activation {activation!r} has no ONNX conversion here")
-            kernel, bias = (keras.ops.convert_to_numpy(w) for w in (layer.kernel, layer.bias))
-            steps.append(("dense", {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32),
-                                    "activation": activation}))
-        else:
-            raise ExportError(f"layer {layer.name} ({kind}) has no ONNX conversion; the head must be "
-                              "Normalization → Dense/Dropout layers")
-    if not steps or steps[-1][0] != "dense" or steps[-1][1]["activation"] != "softmax":
-        raise ExportError("the head must end in a softmax Dense layer")
-    return steps
+    from stage2_classify.inference.explain import EPS, upsample_matrix
+
+    P = PREFIX + "hm_"
+    dense = [(i, p) for i, (kind, p) in enumerate(steps) if kind == "dense"]
+    last = dense[-1][1]
+    nodes = [helper.make_node("ArgMax", [logits], [P + "target"], axis=1, keepdims=0),
+             helper.make_node("Gather", [const("hm_last_t", last["kernel"].T), P + "target"], [P + "g"], axis=0)]
+    g = P + "g"
+    for i, p in reversed(dense[:-1]):
+        nodes += [helper.make_node("Greater", [f"{PREFIX}pre_{i}", const(f"hm_zero_{i}", np.zeros(1))], [P + f"on_{i}"]),
+                  helper.make_node("Cast", [P + f"on_{i}"], [P + f"mask_{i}"], to=TensorProto.FLOAT),
+                  helper.make_node("Mul", [g, P + f"mask_{i}"], [P + f"gm_{i}"]),
+                  helper.make_node("MatMul", [P + f"gm_{i}", const(f"hm_kt_{i}", p["kernel"].T)], [P + f"g_{i}"])]
+        g = P + f"g_{i}"
+    for kind, p in steps:
+        if kind == "standardise":
+            nodes.append(helper.make_node("Div", [g, const("hm_std", p["std"])], [P + "alpha"]))
+            g = P + "alpha"
+    dim = int(last["kernel"].shape[0]) if len(dense) == 1 else int(dense[0][1]["kernel"].shape[0])
+    h, w = grid
+    nodes += [
+        helper.make_node("Unsqueeze", [g, const_i64("hm_axis1", [1])], [P + "alpha3"]),
+        helper.make_node("Reshape", ["feature_map", const_i64("hm_flat", [0, dim, h * w])], [P + "map3"]),
+        helper.make_node("MatMul", [P + "alpha3", P + "map3"], [P + "cam3"]),
+        helper.make_node("Reshape", [P + "cam3", const_i64("hm_grid", [0, h, w])], [P + "cam"]),
+        helper.make_node("Relu", [P + "cam"], [P + "pos"]),
+        helper.make_node("ReduceMax", [P + "pos"], [P + "top"], axes=[1, 2], keepdims=1),
+        helper.make_node("Max", [P + "top", const("hm_eps", np.full(1, EPS))], [P + "topc"]),
+        helper.make_node("Div", [P + "pos", P + "topc"], [P + "unit"]),
+        helper.make_node("MatMul", [const("hm_ry", upsample_matrix(size, h)), P + "unit"], [P + "rows"]),
+        helper.make_node("MatMul", [P + "rows", const("hm_rxt", upsample_matrix(size, w).T)], ["heatmap"]),
+    ]
+    return nodes, helper.make_tensor_value_info("heatmap", TensorProto.FLOAT, ["batch", size, size])
 
 
-def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
-    """The backbone graph (``images`` → ``features``) extended by the head and the open-set distance."""
+def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str], heatmap: dict | None = None):
+    """The backbone graph (``images`` → ``features``) extended by the head and the open-set distance, and
+    with ``heatmap`` (``{"grid": (h, w), "size": S}``) the heatmap of the predicted class."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -116,8 +137,8 @@ def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
             x = PREFIX + "standard"
             continue
         nodes += [helper.make_node("MatMul", [x, const(f"kernel_{i}", p["kernel"])], [f"{PREFIX}mm_{i}"]),
-                  helper.make_node("Add", [f"{PREFIX}mm_{i}", const(f"bias_{i}", p["bias"])], [f"{PREFIX}dense_{i}"])]
-        x = f"{PREFIX}dense_{i}"
+                  helper.make_node("Add", [f"{PREFIX}mm_{i}", const(f"bias_{i}", p["bias"])], [f"{PREFIX}pre_{i}"])]
+        x = f"{PREFIX}pre_{i}"
         if p["activation"] == "relu":
             nodes.append(helper.make_node("Relu", [x], [f"{PREFIX}relu_{i}"]))
             x = f"{PREFIX}relu_{i}"
@@ -142,6 +163,12 @@ def merge(backbone_onnx: str, steps, detector, metadata_props: dict[str, str]):
             helper.make_node("Sqrt", [PREFIX + "d2pos"], ["ood_score"]),
         ]
         outputs.append(helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]))
+    if heatmap is not None:
+        last = max(i for i, (kind, _) in enumerate(steps) if kind == "dense")
+        more, out = heatmap_nodes(steps, f"{PREFIX}pre_{last}", heatmap["grid"], heatmap["size"], const,
+                                  lambda name, value: _const_i64(inits, name, value))
+        nodes += more
+        outputs.append(out)
     graph.node.extend(nodes)
     graph.initializer.extend(inits)
     del graph.output[:]
@@ -202,21 +229,23 @@ def _verification_pixels(images, preprocessing: dict) -> tuple[np.ndarray, str]:
 
 def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", images=None,
            weights: str | os.PathLike | None = None, onnx: str | os.PathLike | None = None,
-           providers: list[str] | None = None) -> ExportResult:
+           providers: list[str] | None = None, heatmap: bool = False) -> ExportResult:
     """Merge ``classifier``'s backbone and head into ``out`` (one ONNX file), verify it, write it atomically.
 
     ``images`` (a file, folder, file list or list of paths) are used for the check; without them it runs on
     random pixels and says so. ``weights``/``onnx``: as for :func:`stage1_extract.find_model`, when the
-    backbone export must be rebuilt.
+    backbone export must be rebuilt. ``heatmap``: add the ``heatmap`` output (see the module docstring).
     """
     from stage1_extract import find_model
+
+    from stage2_classify.inference.explain import head_is_linear
 
     if precision not in TOLERANCE:
         raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
     meta = classifier.metadata
-    backbone = find_model(meta, weights=weights, onnx=onnx, precision=precision)
+    backbone = find_model(meta, weights=weights, onnx=onnx, precision=precision, feature_map=heatmap)
     reference_backbone = backbone if precision == "fp32" else find_model(meta, weights=weights, onnx=onnx,
-                                                                         precision="fp32")
+                                                                         precision="fp32", feature_map=heatmap)
     steps = head_layers(classifier.model)
     detector = classifier.ood
     prep = {k: meta.preprocessing[k] for k in ("input_size", "resize", "interpolation", "crop", "mean", "std")
@@ -226,14 +255,21 @@ def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", image
              "producer": "hybrid-transfer stage2-classify export"}
     if detector is not None:
         props["ood_threshold"] = repr(float(detector.threshold))
-    merged = merge(backbone.onnx_path, steps, detector, props)
+    pixels, source = _verification_pixels(images, prep)
+    reference = _session(reference_backbone.onnx_path, ["CPUExecutionProvider"]).run(None, {"images": pixels})
+    features = reference[0]
+    shape = None
+    if heatmap:
+        shape = {"grid": tuple(int(d) for d in reference[1].shape[2:]), "size": int(prep["input_size"])}
+        props["heatmap"] = json.dumps({"output": "heatmap", "over": "the input crop, N×S×S, in [0, 1]",
+                                       "class": "predicted", "grid": list(shape["grid"]),
+                                       "method": "CAM" if head_is_linear(steps) else "Grad-CAM (closed form)"})
+    merged = merge(backbone.onnx_path, steps, detector, props, heatmap=shape)
     data = merged.SerializeToString()
 
     providers = providers or _default_providers(precision)
-    pixels, source = _verification_pixels(images, prep)
     session = _session(data, providers)
     got = session.run(None, {"images": pixels})
-    features = _session(reference_backbone.onnx_path, ["CPUExecutionProvider"]).run(None, {"images": pixels})[0]
     expected = classifier.predict_proba(features)
     diff = float(np.abs(got[0] - expected).max())
     if not diff <= TOLERANCE[precision]:
@@ -246,8 +282,26 @@ def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", image
         if not ood_diff <= (1e-3 if precision == "fp32" else 5e-2):
             raise ExportError(f"the merged model's ood_score differs by {ood_diff:.2e} (relative) from the "
                               "detector's; nothing was written")
+    heat_diff = _check_heatmap(steps, reference, got[0], got[-1], expected, prep, precision) if heatmap else None
     out = os.fspath(out)
     atomic_write_bytes(out, data)  # temporary name, fsync, rename: an ordinary file mode, not mkstemp's 0600
     return ExportResult(out, precision, classifier.classes, prep, diff, ood_diff, source, len(pixels),
                         merged.ir_version, max(o.version for o in merged.opset_import if o.domain in ("", "ai.onnx")),
-                        len(data), session.get_providers()[0])
+                        len(data), session.get_providers()[0], heat_diff)
+
+
+def _check_heatmap(steps, reference, probabilities: np.ndarray, got: np.ndarray, expected: np.ndarray, prep: dict,
+                   precision: str) -> float:
+    """The graph's ``heatmap`` against the explain module's arithmetic on the fp32 backbone's outputs (rows
+    whose predicted class is the same on both paths)."""
+    from stage2_classify.inference.explain import class_maps, crop_heatmaps
+
+    target = expected.argmax(axis=1)
+    agree = probabilities.argmax(axis=1) == target  # a near tie may pick another class on the fp16 path
+    want = crop_heatmaps(class_maps(steps, reference[0], reference[1], target), int(prep["input_size"]))
+    same = got.shape == want.shape
+    diff = float(np.abs(got - want)[agree].max(initial=0.0)) if same else np.inf
+    if not diff <= (1e-3 if precision == "fp32" else 1e-1):
+        raise ExportError(f"the merged model's heatmap differs from Classifier.explain's by {diff:.2e}; nothing "
+                          "was written")
+    return diff

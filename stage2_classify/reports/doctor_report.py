@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from stage2_classify.reports.html import Thumbnails, cards, esc, notes, page, scatter_svg, table, write_html
+from stage2_classify.reports.overlay import gallery_overlays
 
 GALLERY = 60  # label issues and outliers shown with thumbnails
 PAIRS = 40  # duplicate pairs shown per kind
@@ -63,17 +64,22 @@ def _map_section(ctx: dict, issues: pd.DataFrame, outliers: pd.DataFrame) -> str
             f"</p>{svg}")
 
 
-def _issue_gallery(issues: pd.DataFrame, thumbs: Thumbnails) -> str:
+def _issue_gallery(issues: pd.DataFrame, thumbs: Thumbnails, run=None) -> str:
     if issues.empty:
         return "<p>No likely label mistakes were found.</p>"
+    shown = issues.head(GALLERY)
+    overlays, problems = gallery_overlays(run, shown["path"], thumbs.locate)
     tiles = [thumbs.tile(r.path, [f"given <b>{esc(r.label)}</b>", f'suggested <b class="flag">'
                                   f"{esc(r.suggested_label)}</b>",
-                                  f"score {r.score:.3f} · P(given) {1 - r.score:.2g}"])
-             for r in issues.head(GALLERY).itertuples()]
+                                  f"score {r.score:.3f} · P(given) {1 - r.score:.2g}"], overlays.get(r.path))
+             for r in shown.itertuples()]
     more = f"<p class=muted>{len(issues) - GALLERY} more in label_issues.csv</p>" if len(issues) > GALLERY else ""
+    legend = (" Overlays: what the run's model looked at for its own prediction (docs/explain.md); the box is the "
+              "crop it saw." if overlays else " (With --run, the tiles show heatmap overlays.)")
     return ('<p class="muted">Most suspicious first. score = 1 − P(given), the out-of-fold probability of the '
-            f'given label; the suggested label is the out-of-fold prediction.</p><div class="gallery">{"".join(tiles)}</div>'
-            + more)
+            f'given label; the suggested label is the out-of-fold prediction.{legend}</p>{notes(problems)}'
+            f'<div class="gallery">{"".join(tiles)}</div>' + more)
+
 
 
 def _pairs(frame: pd.DataFrame, thumbs: Thumbnails, kind: str) -> str:
@@ -108,7 +114,7 @@ def write_doctor_report(path: Path, summary: dict, issues: pd.DataFrame, duplica
     exact = duplicates[duplicates["kind"] == "exact"]
     near = duplicates[duplicates["kind"] == "near"]
     body = {
-        "label-issues": _issue_gallery(issues, thumbs),
+        "label-issues": _issue_gallery(issues, thumbs, ctx.get("run")),
         "duplicates": (f"<h3>Exact duplicates ({len(exact)} pairs; groups with different labels first)</h3>"
                        + _pairs(duplicates, thumbs, "exact")
                        + f"<h3>Near-duplicates ({len(near)} pairs at cosine similarity ≥ "

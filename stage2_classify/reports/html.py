@@ -125,32 +125,53 @@ class Thumbnails:
         file = self.locate(path)
         if file is None:
             return None
-        if not file.is_file():
+        if not file.is_file() and not _is_frame_of_a_file(file):
             self.missing.append(path)
             return None
+        data = None
         try:
             with Image.open(file) as im:
                 if im.width * im.height > MAX_PIXELS:
-                    raise ValueError("too large to preview")
-                im.draft("RGB", (self.size * 2, self.size * 2))  # JPEG: decode at reduced scale, much faster
-                im = ImageOps.exif_transpose(im)
-                if im.mode in ("I", "I;16", "I;16B", "F"):  # 16-bit / float: stretch to 8 bits for display
-                    arr = np.asarray(im, dtype=np.float64)
-                    lo, hi = np.percentile(arr, [0.5, 99.5])
-                    im = Image.fromarray(np.clip((arr - lo) / max(hi - lo, 1e-9) * 255, 0, 255).astype(np.uint8))
-                im = im.convert("RGB")
-                im.thumbnail((self.size, self.size))
-                if max(im.size) < self.size // 2:  # tiny images (28x28) shown crisp rather than blurred
-                    scale = self.size // max(im.size)
-                    im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
-                buf = io.BytesIO()
-                im.save(buf, format="JPEG", quality=82)
-        except Exception:  # any undecodable file (DICOM, damaged, foreign) shows as "no preview"
-            self.unreadable.append(path)
-            return None
-        return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+                    self.unreadable.append(path)  # a decompression bomb is not decoded for a thumbnail
+                    return None
+                if im.mode not in ("I", "I;16", "I;16B", "F"):  # 16-bit / float: shown in the model's window
+                    im.draft("RGB", (self.size * 2, self.size * 2))  # JPEG: decode at reduced scale, much faster
+                    data = self._jpeg(ImageOps.exif_transpose(im))
+        except Exception:  # noqa: BLE001  (DICOM, a frame reference, damaged: stage 1's decoding below)
+            pass
+        if data is None:  # DICOM, 16-bit, frames: the pixels stage 1 decodes (windowed), or "no preview"
+            data = self._windowed(file)
+            if data is None:
+                self.unreadable.append(path)
+                return None
+        return "data:image/jpeg;base64," + base64.b64encode(data).decode()
 
-    def img(self, path: str) -> str:
+    def _jpeg(self, im) -> bytes:
+        from PIL import Image
+
+        im = im.convert("RGB")
+        im.thumbnail((self.size, self.size))
+        if max(im.size) < self.size // 2:  # tiny images (28x28) shown crisp rather than blurred
+            scale = self.size // max(im.size)
+            im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        im.save(buf, format="JPEG", quality=82)
+        return buf.getvalue()
+
+    def _windowed(self, file: Path) -> bytes | None:
+        """DICOM, 16-bit and float images as stage 1 shows them to the model (its window), or None."""
+        from PIL import Image
+
+        from stage1_extract import load_image
+
+        try:
+            return self._jpeg(Image.fromarray(load_image(file)))
+        except Exception:  # noqa: BLE001  (damaged or foreign: "no preview")
+            return None
+
+    def img(self, path: str, uri: str | None = None) -> str:
+        if uri is not None:  # a heatmap overlay
+            return f'<img class="overlay" alt="{esc(path)} with its heatmap" src="{uri}">'
         uri = self.uri(path)
         if uri is not None:
             return f'<img alt="{esc(path)}" src="{uri}">'
@@ -162,9 +183,10 @@ class Thumbnails:
             reason = "no preview"
         return f'<div class="ph">{reason}</div>'
 
-    def tile(self, path: str, lines: Sequence[str]) -> str:
-        text = "".join(f"<div>{line}</div>" for line in lines)  # lines are already escaped html
-        return f'<div class="tile">{self.img(path)}<div class="path">{esc(path)}</div>{text}</div>'
+    def tile(self, path: str, lines: Sequence[str], uri: str | None = None) -> str:
+        """A thumbnail (or ``uri``, e.g. a heatmap overlay), the path and ``lines`` of escaped html."""
+        text = "".join(f"<div>{line}</div>" for line in lines)
+        return f'<div class="tile">{self.img(path, uri)}<div class="path">{esc(path)}</div>{text}</div>'
 
     def problems(self) -> list[str]:
         out = []
@@ -174,6 +196,12 @@ class Thumbnails:
         if self.unreadable:
             out.append(f"images that could not be previewed: {len(self.unreadable)} (e.g. {self.unreadable[0]})")
         return out
+
+
+def _is_frame_of_a_file(file: Path) -> bool:
+    """``scan.dcm#frame=3``: one frame of a multi-frame file that exists."""
+    name = os.fspath(file)
+    return "#frame=" in name and os.path.isfile(name.split("#frame=", 1)[0])
 
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",

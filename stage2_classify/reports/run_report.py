@@ -17,6 +17,7 @@ import numpy as np
 
 from hybrid_common import renamed_keywords
 from stage2_classify.reports.html import Thumbnails, cards, esc, figure_file, notes, page, table, write_html
+from stage2_classify.reports.overlay import gallery_overlays
 
 GALLERY = 60  # misclassified test images shown, most confident mistakes first
 METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"), ("macro_f1", "macro-F1"),
@@ -110,7 +111,7 @@ def _images_root(run: Path, config: dict | None, images) -> str | None:
     return read_run_summary(shards).get("images_root") or None
 
 
-def _misclassified(run: Path, thumbs: Thumbnails, missing: list[str]) -> str:
+def _misclassified(run: Path, thumbs: Thumbnails, missing: list[str], heatmaps: bool = True) -> str:
     path = run / "predictions.parquet"
     if not path.is_file():
         missing.append(path.name)
@@ -127,17 +128,27 @@ def _misclassified(run: Path, thumbs: Thumbnails, missing: list[str]) -> str:
     wrong = test[test["label"] != test["predicted"]].sort_values(["probability", "path"], ascending=[False, True])
     if wrong.empty:
         return f"<p>All {len(test)} test images are classified correctly.</p>"
+    shown = wrong.head(GALLERY)
+    overlays, problems = (gallery_overlays(run, shown["path"], thumbs.locate) if heatmaps else
+                          ({}, ["heatmaps left out (heatmaps=False)"]))
     tiles = [thumbs.tile(r.path, [f"true <b>{esc(r.label)}</b>", f'predicted <b class="flag">{esc(r.predicted)}</b>',
-                                  f"probability {r.probability:.3f}"]) for r in wrong.head(GALLERY).itertuples()]
+                                  f"probability {r.probability:.3f}"], overlays.get(r.path))
+             for r in shown.itertuples()]
     more = f"<p class=muted>{len(wrong) - GALLERY} more in predictions.parquet</p>" if len(wrong) > GALLERY else ""
+    legend = (" Overlays: what the model looked at for its (wrong) prediction (docs/explain.md); the box is the "
+              "crop it saw." if overlays else "")
     return (f"<p class=muted>{len(wrong)} of {len(test)} test images misclassified; most confident mistakes "
-            f'first.</p><div class="gallery">{"".join(tiles)}</div>{more}')
+            f'first.{legend}</p>{notes(problems)}<div class="gallery">{"".join(tiles)}</div>{more}')
+
 
 
 @renamed_keywords(run_dir="run")
 def write_run_report(run: str | os.PathLike, out: str | os.PathLike | None = None, *,
-                     images: str | os.PathLike | None = None) -> Path:
+                     images: str | os.PathLike | None = None, heatmaps: bool = True) -> Path:
     """Write ``report.html`` (default: inside ``run``) describing a training run; returns its path.
+
+    ``heatmaps``: the misclassified gallery shows heatmap overlays (what the model looked at), made with the
+    run's backbone when it is complete and its backbone can be found; otherwise plain thumbnails and a note.
 
     Works on a finished run and on a run being written (``RunWriter.tmp`` before ``commit``), and on runs
     from older versions: whatever file is missing is named in the report.
@@ -154,7 +165,7 @@ def write_run_report(run: str | os.PathLike, out: str | os.PathLike | None = Non
     shown = next((s for s in ("test", "validation", "train") if isinstance(metrics.get(s), dict)), None)
     m = metrics.get(shown, {}) if shown else {}
 
-    gallery = _misclassified(run, thumbs, missing)
+    gallery = _misclassified(run, thumbs, missing, heatmaps and marker != {})
     headline = cards([(f"{shown} accuracy" if shown else "accuracy", _fmt(m.get("accuracy")), False),
                       ("macro-F1", _fmt(m.get("macro_f1")), False), ("classes", len(classes), False),
                       ("best epoch", marker.get("best_epoch", "–"), False)])

@@ -138,3 +138,41 @@ def test_fp16_export_is_verified_against_torch_fp32(tmp_path, monkeypatch):
     model = onnx.load(m.onnx_path)
     assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # cast back to fp32
     assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+
+
+def test_feature_map_variant_is_separate_and_its_map_averages_to_the_features(lite0):
+    """Heatmaps' export: another cached file with a second output; the plain extractor is left as it was."""
+    import onnxruntime as ort
+
+    variant = export.export_backbone("efficientnet_lite0", feature_map=True)
+    assert variant.feature_map and not lite0.feature_map and variant.onnx_path != lite0.onnx_path
+    assert export.export_backbone("efficientnet_lite0").onnx_sha256 == lite0.onnx_sha256  # its key is unchanged
+    assert [o.name for o in onnx.load(lite0.onnx_path).graph.output] == ["features"]
+    x = np.stack([decode_image(_jpeg(photo("astronaut")), lite0.preprocessing)] * 2)
+    features, fmap = ort.InferenceSession(variant.onnx_path, providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    plain = ort.InferenceSession(lite0.onnx_path, providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+    assert fmap.shape == (2, 1280, 7, 7)
+    np.testing.assert_allclose(features, plain, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fmap.mean(axis=(2, 3)), features, rtol=1e-4, atol=1e-5)
+    assert all(s.feature_map_layer for s in registry.list_backbones() if s.name != "convnext_tiny")
+
+
+def test_user_onnx_feature_map_comes_from_its_output_before_pooling(tmp_path):
+    path = make_tiny_onnx(tmp_path / "tiny.onnx", input_size=32, channels=8)
+    plain = export.wrap_user_onnx(path)
+    for variant in (export.wrap_user_onnx(path, feature_map=True), export.with_feature_map(plain)):
+        session = FeatureSession(variant.onnx_path, provider="cpu", batch_size=4, input_size=32)
+        x = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+        import onnxruntime as ort
+
+        features, fmap = ort.InferenceSession(variant.onnx_path, providers=["CPUExecutionProvider"]).run(
+            None, {"images": x})
+        assert fmap.shape == (3, 8, 16, 16)
+        np.testing.assert_allclose(features, session.run(x), rtol=1e-5)
+        np.testing.assert_allclose(fmap.mean(axis=(2, 3)), features, rtol=1e-5, atol=1e-6)
+
+
+def _jpeg(img) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()

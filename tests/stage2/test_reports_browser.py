@@ -17,7 +17,7 @@ from stage1_extract import extract
 from stage2_classify import train
 from stage2_classify.doctor import doctor
 from stage2_classify.reports.run_report import write_run_report
-from tests.support.helpers import make_image_tree, make_tiny_onnx
+from tests.support.helpers import make_dicom_tree, make_image_tree, make_tiny_onnx
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 BROWSER = next((shutil.which(b) for b in BROWSERS if shutil.which(b)), None)
@@ -33,7 +33,7 @@ def _chromium(tmp_path, *args) -> subprocess.CompletedProcess:
 class _Dom(HTMLParser):
     def __init__(self):
         super().__init__()
-        self.sections, self.thumbnails, self.svg = set(), 0, 0
+        self.sections, self.thumbnails, self.svg, self.overlays = set(), 0, 0, 0
 
     def handle_starttag(self, tag, attrs):
         attrs = dict(attrs)
@@ -41,6 +41,7 @@ class _Dom(HTMLParser):
             self.sections.add(attrs.get("id"))
         if tag == "img" and (attrs.get("src") or "").startswith("data:image/jpeg"):
             self.thumbnails += 1
+            self.overlays += attrs.get("class") == "overlay"  # a heatmap laid over the image
         if tag == "svg":
             self.svg += 1
 
@@ -92,3 +93,42 @@ def test_run_report_renders_in_chromium(real_run, tmp_path):
     report = write_run_report(run, tmp_path / "report.html")
     dom = render(report, tmp_path)
     assert {"summary", "metrics", "per-class", "confusion", "calibration", "curves", "misclassified"} <= dom.sections
+
+
+def _random_oof(features):
+    import shardformat
+
+    fs = shardformat.read_features(features)
+    classes = sorted(set(fs.labels))
+    probs = np.random.default_rng(0).dirichlet(np.ones(len(classes)) * 0.3, size=len(fs))
+    return pd.DataFrame({"path": fs.paths, **{f"prob_{c}": probs[:, i] for i, c in enumerate(classes)}})
+
+
+def test_galleries_show_heatmap_overlays_in_chromium(real_run, tmp_path):
+    """The doctor with --run, and a run report with mistakes: their tiles are heatmap overlays."""
+    base, images, run = real_run
+    result = doctor(base / "feats", tmp_path / "doctor", oof=_random_oof(base / "feats"), run=run)
+    assert len(result.label_issues) > 0
+    dom = render(result.report, tmp_path)
+    assert dom.overlays >= min(len(result.label_issues), 60)
+    faked = tmp_path / "run"  # a copy whose test predictions are all wrong, so its gallery has tiles
+    shutil.copytree(run, faked)
+    frame = pd.read_parquet(faked / "predictions.parquet")
+    classes = sorted(set(frame["label"]))
+    frame["predicted"] = [classes[(classes.index(c) + 1) % len(classes)] for c in frame["label"]]
+    frame.to_parquet(faked / "predictions.parquet")
+    dom = render(write_run_report(faked, tmp_path / "report.html"), tmp_path)
+    assert dom.overlays == int((frame["split"] == "test").sum())
+
+
+def test_dicom_thumbnails_are_shown_in_chromium(tmp_path):
+    """DICOM files get thumbnails from the pixels stage 1 decodes (its window), not "no preview"."""
+    images = tmp_path / "dicom"
+    make_dicom_tree(images)
+    tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
+    extract(images, tmp_path / "feats", onnx=tiny, input_size=32, batch_size=8, workers=1, progress=False)
+    result = doctor(tmp_path / "feats", tmp_path / "doctor", oof=_random_oof(tmp_path / "feats"))
+    text = result.report.read_text()
+    assert "could not be previewed" not in text and "no preview" not in text
+    dom = render(result.report, tmp_path)
+    assert dom.thumbnails >= 1
