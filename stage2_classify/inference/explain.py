@@ -106,6 +106,22 @@ def _run_backbone(onnx_path: str, pixels: np.ndarray, providers) -> tuple[np.nda
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
+class RunView:
+    """What :func:`explain` needs of a run, loaded from its directory without :class:`Classifier` (the reports
+    use it: the classifier module sits above them)."""
+
+    def __init__(self, run) -> None:
+        from stage2_classify.runs.load import load_run
+
+        loaded = load_run(run)
+        self.run_dir, self.metadata, self.model, self.classes = loaded.path, loaded.metadata, loaded.model, loaded.classes
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        from stage2_classify.training.fit import predict_proba
+
+        return predict_proba(self.model, np.asarray(features, np.float32))
+
+
 def explain(classifier, images, *, target: str = "predicted", weights: str | os.PathLike | None = None,
             onnx: str | os.PathLike | None = None, max_side: int = MAX_SIDE, providers=None,
             keep_images: bool = False):
@@ -119,6 +135,8 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
     import pandas as pd
     from stage1_extract import Preprocessing, Stage1Error, find_model, load_image, load_pixels
 
+    if isinstance(classifier, (str, os.PathLike)):  # a run directory (the reports pass one)
+        classifier = RunView(classifier)
     meta = classifier.metadata
     steps = head_layers(classifier.model)
     try:

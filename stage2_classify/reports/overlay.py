@@ -86,9 +86,9 @@ def gallery_overlays(run, paths, locate) -> tuple[dict[str, str], list[str]]:
         return {}, []
     files = list(by_file)
     try:
-        from stage2_classify.inference.classifier import Classifier
+        from stage2_classify.inference.explain import explain
 
-        frame = Classifier.load(run).explain(list(files), keep_images=True)
+        frame = explain(os.fspath(run), list(files), keep_images=True)
     except Exception as exc:  # noqa: BLE001  (no backbone, no feature map, a user ONNX file not given…)
         return {}, [f"heatmaps are not shown: {exc}"]
     uris = {by_file[r.path]: thumbnail_uri(r.image, r.heatmap, r.crop) for r in frame.itertuples()
