@@ -59,13 +59,9 @@ def _linear_probe(loaded, layer, train, val, rows, progress: bool):
     the frozen backbone's vectors of the train split at that resolution (early-stopped on validation)."""
     from stage2_classify.data.dataset import Dataset
     from stage2_classify.finetuning.model import pooled_vectors
-    from stage2_classify.options import TrainOptions
     from stage2_classify.training.fit import fit_head
 
-    config = json.loads((loaded.path / "config.json").read_text())
-    fields = {f.name for f in dataclasses.fields(TrainOptions)}
-    opts = TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
-    opts = dataclasses.replace(opts, split_file=None)
+    opts = _train_options(loaded)
     picked = np.concatenate([train.rows, val.rows])
     x = pooled_vectors(layer, np.concatenate([train.x, val.x]))
     ds = Dataset(features=x, y=rows.y[picked], paths=rows.paths[picked], classes=rows.classes,
@@ -78,9 +74,67 @@ def _linear_probe(loaded, layer, train, val, rows, progress: bool):
     return fit_head(ds, split, opts, progress=False).model
 
 
+def _starting_head(loaded, tb, opts, workdir: Path, train, val, rows, resume: bool, progress: bool, device: str):
+    """The head fine-tuning starts from, kept in ``OUT.checkpoints/head.keras`` for a resume: the run's own (same
+    resolution), the run's head definition fitted again on frozen vectors at the new resolution (LP of LP-FT), or
+    (``head_init="random"``, plain fine-tuning, for comparison) a freshly initialised one."""
+    import keras
+
+    from stage2_classify.finetuning.model import FrozenStatsBackbone, pooled_vectors, set_trainable
+
+    saved = workdir / "head.keras"
+    if resume and saved.is_file():
+        return keras.saving.load_model(saved, compile=False, safe_mode=True)
+    same_size = tb.preprocessing.input_size == loaded.metadata.preprocessing["input_size"]
+    if same_size and opts.head_init == "probe":
+        return loaded.model
+    module = tb.module.to(device)
+    set_trainable(module, "all", tb.preprocessing.input_size)
+    layer = FrozenStatsBackbone(module, tb.preprocessing.mean, tb.preprocessing.std, tb.spec.feature_dim)
+    if opts.head_init == "random":
+        from stage2_classify.training.fit import column_stats
+        from stage2_classify.training.head import build_head
+
+        mean, var = column_stats(pooled_vectors(layer, train.x))
+        head = build_head(tb.spec.feature_dim, len(rows.classes), hidden=_train_options(loaded).hidden,
+                          dropout=_train_options(loaded).dropout, mean=mean, variance=var)
+    else:
+        head = _linear_probe(loaded, layer, train, val, rows, progress)
+    workdir.mkdir(parents=True, exist_ok=True)
+    head.save(saved)
+    return head
+
+
+def _train_options(loaded):
+    """The frozen run's TrainOptions, from its ``config.json``."""
+    from stage2_classify.options import TrainOptions
+
+    config = json.loads((loaded.path / "config.json").read_text())
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    opts = TrainOptions(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in fields})
+    return dataclasses.replace(opts, split_file=None)
+
+
 def _class_weights(run: Path, y: np.ndarray) -> np.ndarray | None:
     used = json.loads((run / "config.json").read_text()).get("class_weight_used")
     return None if not used else np.asarray([used[str(int(c))] for c in y], np.float32)
+
+
+def check_workdir(workdir: Path, opts: FinetuneOptions, resume: bool):
+    """The interrupted fine-tune in ``workdir`` to resume (None: start afresh); refuses to start over one
+    silently, or to resume one with other options."""
+    from stage2_classify.finetuning.checkpoint import TrainingState
+
+    wanted = dataclasses.asdict(opts)
+    state = TrainingState.read(workdir)
+    if state is not None and not resume:
+        raise Stage2Error(f"{workdir} holds an interrupted fine-tune ({state.epochs_done} of {opts.epochs} epochs "
+                          "done): pass --resume (resume=True) to continue it, or delete that folder to start over")
+    if state is not None and state.options != wanted:
+        changed = sorted(k for k in wanted if state.options.get(k) != wanted[k])
+        raise Stage2Error(f"{workdir}: the interrupted fine-tune used other options ({', '.join(changed)}); resume "
+                          "with the same options or delete that folder to start over")
+    return state
 
 
 def _fit(model, layer, head, train, val, opts, workdir: Path, resume: bool, progress: bool, sample_weight):
@@ -92,17 +146,9 @@ def _fit(model, layer, head, train, val, opts, workdir: Path, resume: bool, prog
     k = int(head.outputs[0].shape[-1])
     batches = Batches(train.x, train.y, k, opts.batch_size, shuffle=True, seed=opts.seed, sample_weight=sample_weight)
     val_batches = Batches(val.x, val.y, k, opts.batch_size, shuffle=False) if len(val.y) else None
-    wanted = dataclasses.asdict(opts)
-    state = ck.TrainingState.read(workdir)
-    if state is not None and not resume:
-        raise Stage2Error(f"{workdir} holds an interrupted fine-tune ({state.epochs_done} of {opts.epochs} epochs "
-                          "done): pass --resume (resume=True) to continue it, or delete that folder to start over")
-    if state is not None and state.options != wanted:
-        changed = sorted(k for k in wanted if state.options.get(k) != wanted[k])
-        raise Stage2Error(f"{workdir}: the interrupted fine-tune used other options ({', '.join(changed)}); resume "
-                          "with the same options or delete that folder to start over")
+    state = check_workdir(workdir, opts, resume)
     if state is None:
-        state = ck.TrainingState(options=wanted)
+        state = ck.TrainingState(options=dataclasses.asdict(opts))
         workdir.mkdir(parents=True, exist_ok=True)
     else:
         model.optimizer.build(model.trainable_weights)
@@ -152,6 +198,7 @@ def finetune(run: str | os.PathLike, out: str | os.PathLike, *, images=None, fea
     out = Path(out).expanduser().absolute()
     workdir = Path(f"{out}.checkpoints")
     features = Path(features) if features is not None else Path(f"{out}.features")
+    check_workdir(workdir, opts, resume)  # before minutes of decoding
     loaded = load_run(run)
     rows = run_rows(loaded.path, images)
     device = _device(opts.device)
@@ -162,11 +209,8 @@ def finetune(run: str | os.PathLike, out: str | os.PathLike, *, images=None, fea
     from stage2_classify.finetuning.model import build_model
 
     steps = opts.epochs * max(1, -(-len(train.y) // opts.batch_size))
-    head = loaded.model
+    head = _starting_head(loaded, tb, opts, workdir, train, val, rows, resume, progress, device)
     model, layer, counts = build_model(tb, head, opts, steps=steps, device=device)
-    if tb.preprocessing.input_size != loaded.metadata.preprocessing["input_size"] and not resume:
-        head = _linear_probe(loaded, layer, train, val, rows, progress)  # the run's head fits the run's resolution
-        model, layer, counts = build_model(tb, head, opts, steps=steps, device=device)
     if progress:
         print(f"fine-tuning {tb.spec.name} at {tb.preprocessing.input_size} px on {device}: {len(train.y)} train / "
               f"{len(val.y)} validation images of {loaded.path}, {counts[0]:,} of {counts[1]:,} backbone parameters "

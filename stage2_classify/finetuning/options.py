@@ -59,4 +59,7 @@ class FinetuneOptions:
                           "medical+flip: also horizontal flips (only when left/right carries no meaning); none")
     device: str = option("auto", choices=DEVICES,
                          help="auto (CUDA when usable, with bfloat16 mixed precision), cpu or cuda")
+    head_init: str = option("probe", choices=("probe", "random"),
+                            help="probe (default, LP-FT): start from the run's trained head (fitted again on frozen "
+                            "vectors when --input-size changes them); random: plain fine-tuning from a new head")
     seed: int = option(0, parse=int, help="seeds batches and augmentation (default 0)")
