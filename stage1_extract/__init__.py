@@ -28,9 +28,9 @@ _PUBLIC = {
     "get_backbone": "stage1_extract.model.registry",
     "list_backbones": "stage1_extract.model.registry",
     "WeightsUnavailableError": "stage1_extract.model.weights",
-    "Pixels": "stage1_extract.model.deploy",
+    "Pixels": "stage1_extract.pixels",
     "find_model": "stage1_extract.model.deploy",
-    "load_pixels": "stage1_extract.model.deploy",
+    "load_pixels": "stage1_extract.pixels",
 }
 
 __all__ = sorted(_PUBLIC)
