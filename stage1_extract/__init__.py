@@ -31,6 +31,7 @@ _PUBLIC = {
     "Pixels": "stage1_extract.pixels",
     "find_model": "stage1_extract.model.deploy",
     "load_pixels": "stage1_extract.pixels",
+    "is_dicom_file": "stage1_extract.pixels",
 }
 
 __all__ = sorted(_PUBLIC)

@@ -22,6 +22,7 @@ import os
 
 import numpy as np
 
+from stage1_extract.decoding.dicom import is_dicom_file  # noqa: F401  (public: is this file DICOM?)
 from stage1_extract.errors import OptionError
 from stage1_extract.model.preprocessing import Preprocessing
 
