@@ -55,14 +55,14 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
     needs the same weights file when the export must be rebuilt. Raises
     :class:`~shardformat.IncompatibleShardsError` when what can be built would make different vectors.
     """
-    from stage1_extract.run.lifecycle import shard_metadata
-
     meta = _as_metadata(metadata)
     precision = precision or meta.precision
     if precision == meta.precision and onnx is None:
         cached = _from_cache(meta)
         if cached is not None:
             return cached
+    from stage1_extract.run.lifecycle import shard_metadata
+
     prep = Preprocessing.from_dict(meta.preprocessing)
     if meta.backbone.startswith("onnx:"):
         if precision != meta.precision:

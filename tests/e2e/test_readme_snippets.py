@@ -77,21 +77,10 @@ def _run(how: str, code: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("how", ["script", "stdin", "daemonic-pool"])
-def test_the_extract_snippet_runs_as_written(place, how, tmp_path):
-    code = readme_snippet("from stage1_extract import extract\nsummary = extract(")
-    work = tmp_path / how
-    work.mkdir()
-    (work / "data").symlink_to(place / "data")
-    r = _run(how, code, work)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert r.stdout.count("stage 1 done") == 1 and "extracted 18 " in r.stdout, r.stdout + r.stderr[-2000:]
-    assert len(list((work / "work" / "features" / "efficientnet_lite0").glob("part-*.parquet"))) >= 1
-    assert "decoding in this process" not in r.stderr  # real worker processes, even from a daemonic worker
-
-
-@pytest.mark.parametrize("how", ["script", "stdin", "daemonic-pool"])
-def test_the_notebook_snippet_runs_as_a_script(place, how, tmp_path):
-    code = readme_snippet("from stage1_extract import extract\nfrom stage2_classify import Classifier, train")
+def test_the_readme_snippets_run_as_written(place, how, tmp_path):
+    """The "Everything is also a Python function" snippet, then the notebook one, as one unguarded script."""
+    code = readme_snippet("from stage1_extract import extract\nsummary = extract(") + "\n" + \
+        readme_snippet("from stage1_extract import extract\nfrom stage2_classify import Classifier, train")
     code += "\nprint('PREDICTED', len(df), df['predicted'].notna().sum())\n"
     work = tmp_path / how
     work.mkdir()
@@ -99,6 +88,9 @@ def test_the_notebook_snippet_runs_as_a_script(place, how, tmp_path):
         (work / name).symlink_to(place / name)
     r = _run(how, code, work)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "extracted 18 " in r.stdout, r.stdout + r.stderr[-2000:]  # the first snippet's summary
     assert "PREDICTED 3 3" in r.stdout, r.stdout + r.stderr[-2000:]
     assert r.stdout.count("PREDICTED") == 1  # the script ran once, not again in a worker
+    assert len(list((work / "work" / "features" / "efficientnet_lite0").glob("part-*.parquet"))) >= 1
     assert (work / "work" / "runs" / "first" / "run.json").is_file()
+    assert "decoding in this process" not in r.stderr  # real worker processes, even from a daemonic worker
