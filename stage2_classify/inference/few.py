@@ -96,12 +96,14 @@ def apply_head(steps, features: np.ndarray) -> np.ndarray:
 
 def predict_few(images, run: str | os.PathLike, *, top_k: int = 3, all_probabilities: bool = False,
                 weights=None, onnx=None, progress: bool = True):
-    """The predictions table of :meth:`Classifier.predict` for a handful of image files (see :func:`wanted`)."""
+    """The predictions table of :meth:`Classifier.predict` for a handful of image files (see :func:`wanted`), or
+    None where this run needs the general path: a head other than the one ``train`` builds, or a backbone
+    that only the general path can rebuild (the general path then says what is wrong, if anything)."""
     import onnxruntime as ort
 
     if top_k < 1:
         raise ValueError(f"top_k must be at least 1, got {top_k}")
-    from shardformat import ShardMetadata
+    from shardformat import IncompatibleShardsError, ShardMetadata
     from stage1_extract import find_model, load_pixels
     from stage2_classify.inference.classifier import prediction_frame
     from stage2_classify.inference.inputs import Resolved
@@ -112,14 +114,16 @@ def predict_few(images, run: str | os.PathLike, *, top_k: int = 3, all_probabili
     classes = [str(c) for c in json.loads((path / "labels.json").read_text())]
     check_labels(path, classes)
     meta = ShardMetadata.from_json((path / "shard_metadata.json").read_text())
-    steps = head_steps(path / "model.keras")
+    try:
+        steps = head_steps(path / "model.keras")
+        model = find_model(meta, weights=weights, onnx=onnx)
+    except (RunDirError, IncompatibleShardsError, KeyError, OSError, ValueError):  # OSError: files not found
+        return None
     if steps[-1][1]["kernel"].shape[1] != len(classes):
-        raise RunDirError(f"{path}: labels.json lists {len(classes)} classes but the model has "
-                          f"{steps[-1][1]['kernel'].shape[1]} outputs")
+        return None  # the general path names the mismatch
     given = [os.fspath(p) for p in images] if isinstance(images, (list, tuple)) else [os.fspath(images)]
     unique = list(dict.fromkeys(os.path.abspath(Path(g).expanduser()) for g in given))
     pixels = load_pixels(unique, meta.preprocessing)
-    model = find_model(meta, weights=weights, onnx=onnx)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(model.onnx_path, sess_options=opts, providers=["CPUExecutionProvider"])

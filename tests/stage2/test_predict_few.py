@@ -77,3 +77,16 @@ def test_the_cli_on_one_image_imports_no_keras_and_writes_the_same_row(setup, tm
                                                  features=tmp_path / "cache")
     assert list(fast.columns) == list(slow.columns) and fast["predicted"].tolist() == slow["predicted"].tolist()
     np.testing.assert_allclose(fast["probability"], slow["probability"].to_numpy(float), atol=1e-4)
+
+
+def test_a_head_the_short_way_cannot_read_is_left_to_the_general_path(setup, tmp_path):
+    import shutil
+    import zipfile
+
+    image = str(sorted(setup["images"].rglob("*.jpg"))[0])
+    odd = tmp_path / "run"
+    shutil.copytree(setup["run"], odd)
+    with zipfile.ZipFile(odd / "model.keras", "w") as z:  # a Keras file, but not the head train builds
+        z.writestr("config.json", '{"config": {"layers": [{"class_name": "Conv2D", "config": {"name": "c"}}]}}')
+        z.writestr("model.weights.h5", b"")
+    assert few.predict_few([image], odd, onnx=setup["tiny"], progress=False) is None
