@@ -88,7 +88,7 @@ def apply_head(steps, features: np.ndarray) -> np.ndarray:
         x = x @ p["kernel"] + p["bias"]
         if p["activation"] == "relu":
             x = np.maximum(x, 0)
-        elif p["activation"] == "softmax":
+        elif p["activation"] == "softmax" and len(x):
             x = np.exp(x - x.max(axis=1, keepdims=True))
             x = x / x.sum(axis=1, keepdims=True)
     return x

@@ -59,6 +59,8 @@ def test_few_rows_equal_the_general_paths_rows(setup, tmp_path):
     assert list(fast.columns) == list(slow.columns)
     pd.testing.assert_frame_equal(fast.drop(columns=[c for c in fast if "prob" in c or c == "ood_score"]),
                                   slow.drop(columns=[c for c in slow if "prob" in c or c == "ood_score"]))
+    only_bad = few.predict_few([given[1]], setup["run"], onnx=setup["tiny"], progress=False)
+    assert only_bad["predicted"].isna().all() and only_bad["error"].notna().all()
     for column in [c for c in fast if "prob" in c] + ["ood_score"]:
         np.testing.assert_allclose(fast[column].to_numpy(float, na_value=np.nan),
                                    slow[column].to_numpy(float, na_value=np.nan), atol=1e-4, rtol=1e-4)
