@@ -12,10 +12,7 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
-from stage1_extract.decoding.batches import Batch, ItemResult
-from stage1_extract.errors import OptionError
+from stage1_extract.errors import OptionError  # nothing heavier: the CLI imports this for --decode's choices
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +36,9 @@ class InProcessDecoder:
         self.prep, self.batch_size, self.draft = prep, max(1, batch_size), draft
 
     def run(self, paths):
+        import numpy as np
+
+        from stage1_extract.decoding.batches import Batch, ItemResult
         from stage1_extract.decoding.image import decode_file
 
         size = self.prep.input_size
