@@ -48,9 +48,9 @@ class WorkerProcess:
     of a process. ``conn`` is the parent's end of its pipe; ``args`` are :func:`worker_main`'s arguments."""
 
     def __init__(self, args: tuple, name: str) -> None:
-        if not sys.executable:
-            raise WorkersUnavailableError("no Python interpreter to start decode workers with (sys.executable "
-                                          "is empty, e.g. an embedded interpreter)")
+        if not sys.executable or getattr(sys, "frozen", False):
+            raise WorkersUnavailableError("no Python interpreter to start decode workers with (sys.executable is "
+                                          "empty or a frozen application, which would start itself again)")
         parent_end, child_end = socket.socketpair()
         sentinel_r, sentinel_w = os.pipe()  # the child holds the write end: EOF here once it has exited
         path = [_ROOT] + [p for p in sys.path if p != _ROOT]
