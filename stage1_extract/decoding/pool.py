@@ -91,6 +91,7 @@ class DecodePool:
                                 buffer=self._shm.buf, offset=_header_bytes())
         self._cells = np.ndarray((_MAX_WORKERS,), dtype=np.int64, buffer=self._shm.buf)
         self._cells[:] = -1
+        self._owner = threading.current_thread()  # lives as long as the pool (the dispatcher thread does not)
         self._workers: dict[int, WorkerHandle] = {}  # position -> worker
         self._deaths_without_progress = 0
         self._bus_errors = 0
@@ -109,7 +110,8 @@ class DecodePool:
         """Start the worker at ``position`` (a clean ``python -c``: the caller's ``__main__`` is never run, see
         :mod:`~stage1_extract.decoding.worker`); :class:`WorkersUnavailableError` where none can start."""
         proc = WorkerProcess((position, self._shm.name, len(self._rows), self.prep.input_size,
-                              self.prep.to_dict(), self.draft, os.getpid()), name=f"stage1-decode-{position}")
+                              self.prep.to_dict(), self.draft, os.getpid(),
+                              threading.current_thread() is self._owner), name=f"stage1-decode-{position}")
         self._cells[position] = -1
         self._workers[position] = WorkerHandle(proc, proc.conn, position)
 

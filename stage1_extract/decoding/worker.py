@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from multiprocessing.connection import Connection
 
@@ -110,21 +111,33 @@ def child_main(conn_fd: int) -> None:
     worker_main(conn, *args)
 
 
-def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this worker when its parent dies (e.g. ``kill -9`` of the run), so none linger."""
-    try:
-        import ctypes
+def _die_with_parent(parent_pid: int, signal_too: bool) -> None:
+    """Stop this worker when its parent dies (e.g. ``kill -9`` of the run), so none linger: a thread that checks
+    the parent every second and, where the parent's starting thread lives as long as the pool
+    (``signal_too``), Linux's SIGKILL at the parent's death (``PR_SET_PDEATHSIG``, sent when the *thread* that
+    started the worker ends: not for a replacement started by the pool's dispatcher thread, which ends with
+    each run)."""
+    if signal_too:
+        try:
+            import ctypes
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):  # not Linux: the pipe's end-of-file stops the worker instead
-        pass
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):  # not Linux: the watch below and the pipe's end-of-file
+            pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
-def worker_main(conn, position, shm_name, n_rows, size, prep_dict, draft, parent_pid):
+def worker_main(conn, position, shm_name, n_rows, size, prep_dict, draft, parent_pid, pdeathsig=True):
     # The parent handles Ctrl-C and SIGTERM (sent to the whole process group) and stops us itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
+    _die_with_parent(parent_pid, pdeathsig)
     if os.getppid() != parent_pid:  # the parent died before prctl took effect
         return
     from stage1_extract.decoding.image import decode_file

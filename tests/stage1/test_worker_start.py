@@ -117,3 +117,20 @@ def test_a_live_runs_block_is_never_swept(tmp_path):
     finally:
         block.close()
         block.unlink()
+
+
+def test_a_replacement_worker_outlives_the_run_that_started_it(paths):
+    """A worker that dies is replaced from the pool's dispatcher thread, which ends with the run: Linux's
+    parent-death signal follows that thread, so the replacement must not rely on it."""
+    from stage1_extract.decoding.pool import DecodePool
+
+    with DecodePool(PREP, batch_size=2, workers=2) as pool:
+        first = pool.worker_pids()
+        for i, _ in enumerate(pool.run(paths)):
+            if i == 0:
+                os.kill(first[0], signal.SIGKILL)
+                time.sleep(3.0)  # the dispatcher starts a replacement, which gets going
+        time.sleep(0.5)
+        assert all(w.proc.exitcode is None for w in pool._workers.values()), \
+            [w.proc.exitcode for w in pool._workers.values()]
+        assert sum(len(b.items) for b in pool.run(paths)) == len(paths)
