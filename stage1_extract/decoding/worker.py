@@ -30,6 +30,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from stage1_extract.decoding.shm import SharedBlock
+from stage1_extract.errors import Stage1Error
 from stage1_extract.model.preprocessing import Preprocessing
 
 CELL_SHIFT = 20  # progress cell = task_id << 20 | position in the task: one aligned 64-bit store
@@ -39,7 +40,7 @@ BOOT = ("import json, sys; sys.path[:] = json.loads(sys.argv[1]); "
 _ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-class WorkersUnavailableError(OSError):
+class WorkersUnavailableError(Stage1Error, OSError):
     """No worker process can be started here (no interpreter to run, a sandbox that forbids processes)."""
 
 
