@@ -123,13 +123,15 @@ def test_a_replacement_worker_outlives_the_run_that_started_it(paths):
     parent-death signal follows that thread, so the replacement must not rely on it."""
     from stage1_extract.decoding.pool import DecodePool
 
+    many = paths * 6  # more batches than slots: the dispatcher is alive while the caller holds a batch
     with DecodePool(PREP, batch_size=2, workers=2) as pool:
-        first = pool.worker_pids()
-        for i, _ in enumerate(pool.run(paths)):
+        dead = pool.worker_pids()[0]
+        os.kill(dead, signal.SIGKILL)  # idle: the run's dispatcher replaces it first thing
+        for i, _ in enumerate(pool.run(many)):
             if i == 0:
-                os.kill(first[0], signal.SIGKILL)
-                time.sleep(3.0)  # the dispatcher starts a replacement, which gets going
+                time.sleep(3.0)  # the replacement gets going (and, before the fix, armed its death signal)
         time.sleep(0.5)
+        assert dead not in pool.worker_pids()
         assert all(w.proc.exitcode is None for w in pool._workers.values()), \
             [w.proc.exitcode for w in pool._workers.values()]
         assert sum(len(b.items) for b in pool.run(paths)) == len(paths)
