@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import multiprocessing as mp
 import os
 import queue
 import threading
@@ -31,7 +30,7 @@ import numpy as np
 from stage1_extract.decoding.worker import CELL_SHIFT as _CELL_SHIFT
 from stage1_extract.decoding.worker import MAX_WORKERS as _MAX_WORKERS
 from stage1_extract.decoding.worker import header_bytes as _header_bytes
-from stage1_extract.decoding.worker import worker_main as _worker
+from stage1_extract.decoding.worker import WorkerProcess, WorkersUnavailableError  # noqa: F401  (raised here)
 from stage1_extract.decoding.batches import Batch, ItemResult
 from stage1_extract.decoding.pool_tasks import BatchState, Task, WorkerHandle, death_cause, death_reason
 from stage1_extract.errors import Stage1Error
@@ -92,7 +91,7 @@ class DecodePool:
                                 buffer=self._shm.buf, offset=_header_bytes())
         self._cells = np.ndarray((_MAX_WORKERS,), dtype=np.int64, buffer=self._shm.buf)
         self._cells[:] = -1
-        self._ctx = mp.get_context("spawn")
+        self._owner = threading.current_thread()  # lives as long as the pool (the dispatcher thread does not)
         self._workers: dict[int, WorkerHandle] = {}  # position -> worker
         self._deaths_without_progress = 0
         self._bus_errors = 0
@@ -108,18 +107,13 @@ class DecodePool:
     # -------------------------------------------------------------------------------------------- workers
 
     def _spawn(self, position: int) -> None:
-        parent_end, child_end = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker,
-            args=(child_end, position, self._shm.name, len(self._rows), self.prep.input_size,
-                  self.prep.to_dict(), self.draft, os.getpid()),
-            daemon=True,
-            name=f"stage1-decode-{position}",
-        )
-        proc.start()
-        child_end.close()  # only the worker holds it now: its death reads as end-of-file here
+        """Start the worker at ``position`` (a clean ``python -c``: the caller's ``__main__`` is never run, see
+        :mod:`~stage1_extract.decoding.worker`); :class:`WorkersUnavailableError` where none can start."""
+        proc = WorkerProcess((position, self._shm.name, len(self._rows), self.prep.input_size,
+                              self.prep.to_dict(), self.draft, os.getpid(),
+                              threading.current_thread() is self._owner), name=f"stage1-decode-{position}")
         self._cells[position] = -1
-        self._workers[position] = WorkerHandle(proc, parent_end, position)
+        self._workers[position] = WorkerHandle(proc, proc.conn, position)
 
     def worker_pids(self) -> list[int]:
         """Process ids of the live decode workers (for monitoring and fault tests)."""
@@ -298,7 +292,7 @@ class DecodePool:
         if w.proc.is_alive():
             w.proc.kill()
         w.proc.join(timeout=5)
-        w.conn.close()
+        w.proc.close()
         self._spawn(position)
 
     def _on_death(self, w: WorkerHandle) -> None:
@@ -388,7 +382,7 @@ class DecodePool:
             if w.proc.is_alive():
                 w.proc.kill()
                 w.proc.join(timeout=1)
-            w.conn.close()
+            w.proc.close()
         self._workers.clear()
         if self._shm is not None:
             del self._rows, self._cells
@@ -396,10 +390,7 @@ class DecodePool:
                 self._shm.close()
             except BufferError:  # the caller still holds a batch's pixels: the mapping goes with them
                 pass
-            try:
-                self._shm.unlink()
-            except FileNotFoundError:
-                pass
+            self._shm.unlink()
             self._shm = None
 
     def __enter__(self) -> "DecodePool":

@@ -3,14 +3,13 @@
 ``find_model`` gives back the verified ONNX extractor behind a shard metadata record (the one a stage-2
 run keeps in ``shard_metadata.json``): from the export cache when the exact file is still there (matched by
 its ``onnx_sha256``), otherwise exported again and accepted only when it makes compatible vectors (same
-backbone, weights, preprocessing and dimension). ``load_pixels`` decodes image files exactly as extraction
-does (EXIF, modes, resize of the shorter side, centre crop), so a merged pixels-to-probabilities model can
-be compared with the two-stage path on the very same input.
+backbone, weights, preprocessing and dimension). ``load_pixels`` (:mod:`stage1_extract.pixels`, light enough for
+a deployment machine) decodes image files exactly as extraction does, so a merged pixels-to-probabilities
+model can be compared with the two-stage path on the very same input.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 
@@ -20,6 +19,7 @@ from shardformat import IncompatibleShardsError, ShardMetadata
 from stage1_extract.model.export import ExtractorModel, cache_dir, prepare_model, with_feature_map
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.errors import InputNotFoundError, OptionError
+from stage1_extract.pixels import Pixels, load_pixels  # noqa: F401  (stage 1's public names, kept here too)
 
 
 def _as_metadata(metadata: ShardMetadata | str | dict) -> ShardMetadata:
@@ -60,8 +60,6 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
     ``feature_map``: the extractor's separate variant that also outputs ``feature_map`` (N×D×h×w, the last
     convolutional map that ``features`` averages), for heatmaps; its vectors are checked the same way.
     """
-    from stage1_extract.run.lifecycle import shard_metadata
-
     meta = _as_metadata(metadata)
     precision = precision or meta.precision
     if precision == meta.precision and onnx is None:
@@ -70,6 +68,8 @@ def find_model(metadata: ShardMetadata | str | dict, *, weights: str | os.PathLi
             return cached
         if cached is not None and meta.backbone.startswith("onnx:"):  # its map, from the cached export itself
             return with_feature_map(cached)
+    from stage1_extract.run.lifecycle import shard_metadata
+
     prep = Preprocessing.from_dict(meta.preprocessing)
     if meta.backbone.startswith("onnx:"):
         if precision != meta.precision:
@@ -110,47 +110,6 @@ def _finetuned_model(meta: ShardMetadata, weights, precision: str, feature_map: 
     if os.path.isfile(where) and not where.endswith(FINETUNE_FILE):
         where = os.path.dirname(where)
     return prepare_model(backbone_from=where, precision=precision, feature_map=feature_map)
-
-
-@dataclasses.dataclass
-class Pixels:
-    """Decoded, resized and centre-cropped images: ``array`` holds one N×S×S×3 uint8 row per path in ``paths``."""
-
-    array: np.ndarray
-    paths: list[str]
-    errors: list[tuple[str, str]]  # (path, reason) for files that could not be used
-
-
-def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | None = None) -> Pixels:
-    """Decode images the way extraction does; unusable files are listed in ``errors``, not raised.
-
-    ``images``: one image file, a folder or file list (listed as :func:`extract` lists them), or a list of
-    paths. ``limit`` keeps that many, spread evenly over the listing (class folders come sorted by class).
-    """
-    from stage1_extract.decoding.files import DecodeError, read_file
-    from stage1_extract.decoding.image import decode_image
-    from stage1_extract.inputs.listing import list_images
-    from stage1_extract.inputs.records import IMAGE_EXTENSIONS
-
-    prep = preprocessing if isinstance(preprocessing, Preprocessing) else Preprocessing.from_dict(preprocessing)
-    if isinstance(images, (list, tuple)):
-        paths = [os.fspath(p) for p in images]
-    elif os.path.isfile(images) and os.path.splitext(os.fspath(images))[1].lower() in IMAGE_EXTENSIONS:
-        paths = [os.fspath(images)]
-    else:
-        paths = [r.abspath for r in list_images(images).records]
-    if limit is not None and len(paths) > limit:
-        paths = [paths[i] for i in np.unique(np.linspace(0, len(paths) - 1, limit).round().astype(int))]
-    rows, ok, errors = [], [], []
-    for path in paths:
-        try:
-            rows.append(decode_image(read_file(path), prep))
-            ok.append(path)
-        except DecodeError as exc:
-            errors.append((path, str(exc)))
-    size = prep.input_size
-    array = np.stack(rows) if rows else np.zeros((0, size, size, 3), np.uint8)
-    return Pixels(array, ok, errors)
 
 
 def load_image(path: str | os.PathLike) -> np.ndarray:

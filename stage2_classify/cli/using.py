@@ -75,8 +75,19 @@ def run_evaluate(args) -> None:
 
 
 def run_predict(args) -> None:
+    from stage2_classify.inference import few
     from stage2_classify.inference.predict import predict, prediction_summary
 
+    if args.images and few.wanted([args.images], features=args.features, provider=args.provider):
+        # one image: no Keras, no worker processes, no feature cache (inference/few.py)
+        from stage2_classify.inference.classifier import write_predictions
+
+        frame = few.predict_few([args.images], args.run, top_k=args.top_k, all_probabilities=args.all_probabilities,
+                                weights=args.weights, onnx=args.onnx, progress=args.progress)
+        if frame is not None:
+            write_predictions(frame, args.out)
+            print(prediction_summary(frame, args.out))
+            return
     source = args.images or args.features
     stage1 = {"provider": args.provider, "batch_size": args.batch_size} if args.images else {}
     frame = predict(source, args.run, args.out, top_k=args.top_k, all_probabilities=args.all_probabilities,

@@ -143,7 +143,7 @@ class Classifier:
         scores = detector.score(rows.features) if detector is not None else None
         if detector is None and progress:
             print(f"note: {self.ood_note}", file=sys.stderr)
-        frame = _frame(rows, probs, self.classes, top_k, scores, detector, all_probabilities)
+        frame = prediction_frame(rows, probs, self.classes, top_k, scores, detector, all_probabilities)
         if out is not None:
             write_predictions(frame, out)
         failed = int((~rows.ok).sum())
@@ -192,9 +192,10 @@ class Classifier:
                 f"backbone={self.metadata.backbone}, dim={self.metadata.feature_dim})")
 
 
-def _frame(rows: _inputs.Resolved, probs: np.ndarray, classes: list[str], top_k: int, scores, detector,
-           all_probabilities: bool):
-    """The predictions table; rows without a vector keep their path and error, with null predictions."""
+def prediction_frame(rows: _inputs.Resolved, probs: np.ndarray, classes: list[str], top_k: int, scores, detector,
+                     all_probabilities: bool):
+    """The predictions table (also :mod:`~stage2_classify.inference.few`'s); rows without a vector keep their
+    path and error, with null predictions."""
     import pandas as pd
 
     n, k = len(rows.ok), min(top_k, len(classes))
