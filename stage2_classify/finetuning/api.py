@@ -130,8 +130,9 @@ def check_workdir(workdir: Path, opts: FinetuneOptions, resume: bool):
     if state is not None and not resume:
         raise Stage2Error(f"{workdir} holds an interrupted fine-tune ({state.epochs_done} of {opts.epochs} epochs "
                           "done): pass --resume (resume=True) to continue it, or delete that folder to start over")
-    if state is not None and state.options != wanted:
-        changed = sorted(k for k in wanted if state.options.get(k) != wanted[k])
+    defaults = dataclasses.asdict(FinetuneOptions())  # an option added since the checkpoint: its default
+    changed = sorted(k for k in wanted if state is not None and state.options.get(k, defaults[k]) != wanted[k])
+    if changed:
         raise Stage2Error(f"{workdir}: the interrupted fine-tune used other options ({', '.join(changed)}); resume "
                           "with the same options or delete that folder to start over")
     return state

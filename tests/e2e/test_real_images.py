@@ -93,7 +93,8 @@ def test_exported_onnx_agrees_with_predict_on_real_images(animals, tmp_path):
     photo_path = sorted(animals["photos"].glob("*.jpg"))[0]
     code = _readme_block("## One deployable file").replace('"model.onnx"', repr(str(tmp_path / "model.onnx")))
     printed = _run_printing(code.replace('"photo.jpg"', repr(str(photo_path))))
-    assert printed.split()[0] == frame.set_index("path").loc[str(photo_path), "predicted"]
+    path, label = printed.split()[:2]  # the snippet prints: path, class, probability[, unknown]
+    assert path == str(photo_path) and label == frame.set_index("path").loc[str(photo_path), "predicted"]
     assert printed.rstrip().endswith("unknown")  # a photograph, to an Animal-MNIST model
 
 
