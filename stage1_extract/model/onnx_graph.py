@@ -133,6 +133,9 @@ def add_preprocessing_and_pooling(model: onnx.ModelProto, prep: Preprocessing, *
 def expose_feature_map(model: onnx.ModelProto) -> onnx.ModelProto:
     """A copy of a wrapped extractor whose pooling was added here (a model with an N×C×H×W output) with the map
     before that pooling as a second output, ``feature_map``; the first output and every value are unchanged."""
+    import onnx
+    from onnx import TensorProto, helper
+
     pools = [n for n in model.graph.node if n.op_type == "GlobalAveragePool" and list(n.output) == ["ht_post_gap"]]
     if not pools:
         raise OnnxModelError("this extractor's model outputs a pooled vector: it has no feature map to output")

@@ -133,7 +133,10 @@ def test_stage1_extracts_with_the_backbone_and_records_provenance(frozen, tuned,
     # stage 2 re-trains on the fine-tuned vectors as on any others
     again_run = train(again, tmp_path / "retrained", epochs=3, progress=False,
                       split_file=Path(result.run_dir) / "split.csv")
-    assert again_run.metrics["test"]["n"] > 0
+    assert again_run.metrics["test"]["n"] > 0 and "fine-tuned backbone" not in again_run.text
+    # another split puts images the backbone trained on into validation/test: said, with the fix
+    other = train(again, tmp_path / "other-split", epochs=1, progress=False, seed=5)
+    assert "trained the fine-tuned backbone" in other.text and "--split-file" in other.text
     # ... and never mixes them with pretrained vectors, nor lets a frozen run predict on them
     with pytest.raises(IncompatibleShardsError, match="fine-tuned"):
         Classifier.load(frozen / "frozen").predict(again, progress=False)

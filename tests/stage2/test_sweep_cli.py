@@ -56,7 +56,7 @@ def test_every_subcommand_has_help(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     assert "--precision" in capsys.readouterr().out
-    assert "train,evaluate,predict,export,sweep" in build_parser().format_help()
+    assert "train,evaluate,predict,export,explain,sweep,cv,doctor,finetune" in build_parser().format_help()
 
 
 def test_help_is_instant_and_both_entry_points_work():
