@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 
-def seen_by_backbone(metadata) -> set[str] | None:
-    """Content ids of the images the fine-tuned backbone trained or stopped on; None for pretrained vectors
-    (or when the fine-tuned run directory is no longer there)."""
+def seen_by_backbone(metadata) -> dict[str, set[str]] | None:
+    """Content ids of the images the fine-tuned backbone trained on (``train``) and stopped early on
+    (``validation``); None for pretrained vectors (or when the fine-tuned run directory is no longer there)."""
     prov = getattr(metadata, "provenance", None) or {}
     if prov.get("kind") != "finetuned" or not prov.get("directory"):
         return None
@@ -25,19 +25,20 @@ def seen_by_backbone(metadata) -> set[str] | None:
         frame = pd.read_csv(split_csv, usecols=["content_id", "split"], dtype=str)
     except (OSError, ValueError):
         return None
-    return set(frame.loc[frame["split"].isin(["train", "validation"]), "content_id"].dropna())
+    return {name: set(frame.loc[frame["split"] == name, "content_id"].dropna()) for name in ("train", "validation")}
 
 
 def overlap_notes(metadata, content_ids, split: dict[str, np.ndarray]) -> list[str]:
-    """A warning per evaluated split (validation, test) holding images the fine-tuned backbone trained on."""
+    """A warning per evaluated split holding images the fine-tuned backbone learnt from: validation images it
+    trained on, test images it trained or stopped early on."""
     seen = seen_by_backbone(metadata)
     if not seen:
         return []
     ids = np.asarray(content_ids, dtype=object)
     out = []
-    for name in ("validation", "test"):
+    for name, used in (("validation", seen["train"]), ("test", seen["train"] | seen["validation"])):
         rows = split.get(name, np.zeros(0, np.int64))
-        hit = int(sum(cid in seen for cid in ids[rows]))
+        hit = int(sum(cid in used for cid in ids[rows]))
         if hit:
             out.append(f"WARNING: {hit} of {len(rows)} {name} images trained the fine-tuned backbone these vectors "
                        f"come from ({metadata.provenance['directory']}): its {name} metrics are optimistic; reuse "
