@@ -170,3 +170,11 @@ def test_planted_shortcut_found_by_explain_and_matches_autograd_on_lite0(tmp_pat
     box = Preprocessing.from_dict(prep).crop_box(64, 64)
     hits = np.asarray([on_marker(image_heatmap(m, 64, 64, box), 64, 64, slack=64 / 7) for m in maps])
     assert hits[labels == "3"].mean() >= 0.8 and hits[labels != "3"].mean() <= 0.2
+    # and the CLI's heatmaps.npz
+    from stage2_classify.cli import main
+
+    assert main(["explain", "--run", str(clf.run_dir), "--images", str(held), "--out", str(tmp_path / "cli")]) == 0
+    with np.load(tmp_path / "cli" / "heatmaps.npz") as npz:
+        cli_labels = np.asarray([Path(p).parent.name for p in npz["paths"]])
+        hits = np.asarray([on_marker(npz[f"heatmap_{i:04d}"], 64, 64, slack=64 / 7) for i in range(len(cli_labels))])
+    assert hits[cli_labels == "3"].mean() >= 0.8 and hits[cli_labels != "3"].mean() <= 0.2
