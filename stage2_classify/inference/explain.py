@@ -115,14 +115,16 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
     row per image: ``path``, ``predicted``, ``probability``, ``target`` (the class explained),
     ``target_probability``, ``method`` (CAM or Grad-CAM), ``heatmap`` (over the original image, in [0, 1],
     0 outside the crop), ``crop`` (left, top, right, bottom in original pixels), ``image_size`` (width,
-    height), ``crop_heatmap`` (S×S over the crop) and ``error`` (why an image has none). ``keep_images``
-    adds ``image``: the decoded original (H×W×3 uint8, windowed as the model saw it), for overlays.
+    height), ``crop_heatmap`` (S×S over the crop) and ``error`` (why an image has none; such rows come
+    last). ``keep_images`` adds ``image``: the decoded original (H×W×3 uint8, windowed as the model saw it),
+    for overlays.
     """
     import pandas as pd
     from stage1_extract import Preprocessing, Stage1Error, find_model, load_image, load_pixels
 
     meta = classifier.metadata
     steps = head_layers(classifier.model)
+    target_indices(target, classifier.classes, np.zeros((0, len(classifier.classes))))  # a bad name fails first
     try:
         backbone = find_model(meta, weights=weights, onnx=onnx, precision="fp32", feature_map=True)
     except (Stage1Error, ValueError) as exc:

@@ -97,7 +97,7 @@ def heatmap_nodes(steps, logits: str, grid: tuple[int, int], size: int, const, c
         if kind == "standardise":
             nodes.append(helper.make_node("Div", [g, const("hm_std", p["std"])], [P + "alpha"]))
             g = P + "alpha"
-    dim = int(last["kernel"].shape[0]) if len(dense) == 1 else int(dense[0][1]["kernel"].shape[0])
+    dim = int(dense[0][1]["kernel"].shape[0])  # the feature vector's length: the map's channels
     h, w = grid
     nodes += [
         helper.make_node("Unsqueeze", [g, const_i64("hm_axis1", [1])], [P + "alpha3"]),
