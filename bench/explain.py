@@ -95,7 +95,7 @@ def run_head(name: str, hidden, root: Path, features: Path, held: Path, marked: 
     clf = Classifier.load(run)
     few = sorted(str(p) for p in held.rglob("*.png"))[:4]
     t = time.perf_counter()
-    clf.explain(few)  # the first call (first head) exports the backbone's feature-map variant once (then cached)
+    clf.explain(few)  # warm-up (train's report already exported the backbone's feature-map variant)
     t_first = time.perf_counter() - t
     clf.predict(few, features=root / f"warm-{name}", progress=False, workers=1)
     t_predict, t_explain = [], []
@@ -165,8 +165,9 @@ def main() -> None:
               "heads": heads,
               "note": "explain = the backbone's feature-map variant on load_pixels' pixels + the head's closed-form "
                       "gradient + each image decoded again whole (load_image) for the heatmap over the original "
-                      "image; predict = stage-1 extraction into a fresh feature folder + the head. 2 shared cores: "
-                      "timings are noisy"}
+                      "image; predict = stage-1 extraction into a fresh feature folder + the head. The feature-map "
+                      "variant is exported by train itself (its report's misclassified gallery shows overlays), "
+                      "so first_explain_of_4_images does not include it. 2 shared cores: timings are noisy"}
     from shardformat import atomic_write_text
 
     atomic_write_text(args.out, json.dumps(report, indent=1) + "\n")

@@ -26,6 +26,7 @@ from stage1_extract.model.weights import build_feature_map_model, build_feature_
 OPSET = 17
 EXPORT_FORMAT = 2  # bump when the exported graph's layout changes, to invalidate caches
 TOLERANCE = {"fp32": 1e-4, "fp16": 2e-2}
+MAP_TOLERANCE = {"fp32": 1e-4, "fp16": 5e-2}  # element by element, the map rounds more than its average
 
 
 class ExportVerificationError(Stage1Error, RuntimeError):
@@ -130,7 +131,7 @@ def _verify_map(onnx_bytes: bytes, map_model, prep: Preprocessing, precision: st
     err = float(np.abs(fmap - reference).max() / max(np.abs(reference).max(), 1e-12)) \
         if fmap.shape == reference.shape else np.inf
     pooled = float(np.abs(fmap.mean(axis=(2, 3)) - features).max() / max(np.abs(features).max(), 1e-12))
-    if not (err < TOLERANCE[precision] and pooled < TOLERANCE[precision]):
+    if not (err < MAP_TOLERANCE[precision] and pooled < TOLERANCE[precision]):
         raise ExportVerificationError(
             f"{name} ({precision}): the exported feature map differs from torch's (shape {fmap.shape} vs "
             f"{reference.shape}, relative error {err:.2e}) or does not average to the features ({pooled:.2e})")

@@ -37,7 +37,9 @@ BATCH = 16
 def class_maps(steps, features: np.ndarray, feature_map: np.ndarray, target: np.ndarray) -> np.ndarray:
     """The heatmaps on the feature map's grid (N×h×w, in [0, 1])."""
     alpha = channel_weights(steps, features, target)
-    cam = np.maximum(np.einsum("nd,ndhw->nhw", alpha, np.asarray(feature_map, np.float64)), 0.0)
+    n, d, h, w = feature_map.shape
+    cam = (alpha[:, None, :] @ np.asarray(feature_map, np.float64).reshape(n, d, h * w)).reshape(n, h, w)
+    cam = np.maximum(cam, 0.0)
     top = cam.reshape(len(cam), -1).max(axis=1, initial=0.0)
     return (cam / np.maximum(top, EPS)[:, None, None]).astype(np.float32)
 
@@ -62,7 +64,7 @@ def _interpolation(src: np.ndarray, n_in: int, inside: np.ndarray) -> np.ndarray
 def crop_heatmaps(maps: np.ndarray, size: int) -> np.ndarray:
     """Heatmaps over the S×S crop the model saw (N×S×S)."""
     ry, rx = upsample_matrix(size, maps.shape[1]), upsample_matrix(size, maps.shape[2])
-    return np.einsum("sh,nhw,tw->nst", ry, maps.astype(np.float64), rx).astype(np.float32)
+    return (ry @ maps.astype(np.float64) @ rx.T).astype(np.float32)
 
 
 def image_heatmap(grid: np.ndarray, width: int, height: int, crop, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -129,8 +131,9 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
     row per image: ``path``, ``predicted``, ``probability``, ``target`` (the class explained),
     ``target_probability``, ``method`` (CAM or Grad-CAM), ``heatmap`` (over the original image, in [0, 1],
     0 outside the crop), ``crop`` (left, top, right, bottom in original pixels), ``image_size`` (width,
-    height), ``crop_heatmap`` (S×S over the crop) and ``error`` (why an image has none). ``keep_images``
-    adds ``image``: the decoded original (H×W×3 uint8, windowed as the model saw it), for overlays.
+    height), ``crop_heatmap`` (S×S over the crop) and ``error`` (why an image has none; such rows come
+    last). ``keep_images`` adds ``image``: the decoded original (H×W×3 uint8, windowed as the model saw it),
+    for overlays.
     """
     import pandas as pd
     from stage1_extract import Preprocessing, Stage1Error, find_model, load_image, load_pixels
@@ -139,6 +142,7 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
         classifier = RunView(classifier)
     meta = classifier.metadata
     steps = head_layers(classifier.model)
+    target_indices(target, classifier.classes, np.zeros((0, len(classifier.classes))))  # a bad name fails first
     try:
         backbone = find_model(meta, weights=weights, onnx=onnx, precision="fp32", feature_map=True)
     except (Stage1Error, ValueError) as exc:

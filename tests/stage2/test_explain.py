@@ -4,9 +4,6 @@ Fast tests run on a tiny random conv net (a user ONNX model: its output is its f
 photos; the planted-shortcut check runs EfficientNet-Lite0 on real digits (tests/support/planted.py).
 """
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +14,6 @@ from stage2_classify import Classifier, train
 from tests.support.helpers import make_image_tree, make_tiny_onnx
 from tests.support.planted import autograd_gradcam, correlations, marked_digits, on_marker, torch_head
 
-REPO = Path(__file__).resolve().parents[2]
 FAST = dict(epochs=10, patience=3, batch_size=8, learning_rate=1e-2, progress=False)
 
 
@@ -83,16 +79,17 @@ def test_heatmaps_match_autograd_gradcam_on_the_torch_model(setup, head):
     assert r.min() >= 0.99, r
 
 
-def test_export_heatmap_agrees_with_explain_and_the_cli_writes_overlays(setup, tmp_path):
+def test_export_heatmap_agrees_with_explain_and_the_cli_writes_overlays(setup, tmp_path, capsys):
     import onnxruntime as ort
     from PIL import Image
 
-    run, env = setup["runs"]["mlp"], {**os.environ, "PYTHONPATH": str(REPO)}
+    from stage2_classify.cli import main
+
+    run = setup["runs"]["mlp"]
     onnx_file = tmp_path / "model.onnx"
-    cli = [sys.executable, "-m", "stage2_classify"]
-    done = subprocess.run(cli + ["export", "--run", str(run), "--out", str(onnx_file), "--onnx", str(setup["tiny"]),
-                          "--images", str(setup["images"]), "--heatmap"], env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    assert main(["export", "--run", str(run), "--out", str(onnx_file), "--onnx", str(setup["tiny"]),
+                 "--images", str(setup["images"]), "--heatmap"]) == 0
+    assert "heatmap  N×32×32" in capsys.readouterr().out
     clf = Classifier.load(run)
     frame = clf.explain(str(setup["images"]), onnx=setup["tiny"])
     pixels = load_pixels(str(setup["images"]), clf.metadata.preprocessing)
@@ -101,9 +98,8 @@ def test_export_heatmap_agrees_with_explain_and_the_cli_writes_overlays(setup, t
     got = session.run(None, {"images": pixels.array})
     np.testing.assert_allclose(got[2], np.stack(list(frame["crop_heatmap"])), atol=1e-4)
     out = tmp_path / "explained"
-    done = subprocess.run(cli + ["explain", "--run", str(run), "--images", str(setup["images"]), "--out", str(out),
-                                 "--onnx", str(setup["tiny"])], check=True, env=env, capture_output=True, text=True)
-    assert "18 overlays" in done.stdout
+    assert main(["explain", "--run", str(run), "--images", str(setup["images"]), "--out", str(out)]) == 0
+    assert "18 overlays" in capsys.readouterr().out  # no --onnx: the map comes from the cached export
     pngs = sorted((out / "overlays").glob("*.png"))
     assert len(pngs) == 18 and Image.open(pngs[0]).size[0] > 100
     with np.load(out / "heatmaps.npz") as npz:
@@ -174,3 +170,11 @@ def test_planted_shortcut_found_by_explain_and_matches_autograd_on_lite0(tmp_pat
     box = Preprocessing.from_dict(prep).crop_box(64, 64)
     hits = np.asarray([on_marker(image_heatmap(m, 64, 64, box), 64, 64, slack=64 / 7) for m in maps])
     assert hits[labels == "3"].mean() >= 0.8 and hits[labels != "3"].mean() <= 0.2
+    # and the CLI's heatmaps.npz
+    from stage2_classify.cli import main
+
+    assert main(["explain", "--run", str(clf.run_dir), "--images", str(held), "--out", str(tmp_path / "cli")]) == 0
+    with np.load(tmp_path / "cli" / "heatmaps.npz") as npz:
+        cli_labels = np.asarray([Path(p).parent.name for p in npz["paths"]])
+        hits = np.asarray([on_marker(npz[f"heatmap_{i:04d}"], 64, 64, slack=64 / 7) for i in range(len(cli_labels))])
+    assert hits[cli_labels == "3"].mean() >= 0.8 and hits[cli_labels != "3"].mean() <= 0.2
