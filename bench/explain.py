@@ -118,7 +118,7 @@ def run_head(name: str, hidden, root: Path, features: Path, held: Path, marked: 
     subprocess.run([sys.executable, "-m", "stage2_classify", "explain", "--run", str(run), "--images", str(held),
                     "--out", str(out)], check=True, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                    stdout=subprocess.DEVNULL)
-    with np.load(out / "heatmaps.npz") as npz:
+    with np.load(out / "heatmaps.npz", allow_pickle=False) as npz:
         maps = [npz[f"heatmap_{i:04d}"] for i in range(len(npz["paths"]))]
         cli_labels = [Path(p).parent.name for p in npz["paths"]]
     result["cli"] = shortcut_rates(maps, [m.shape[::-1] for m in maps], cli_labels, marked)
