@@ -214,16 +214,22 @@ def compare(
     ray_address: str | None = None,
     stage1_options=None,
     train_options=None,
+    folds: int = 5,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Extract with each backbone (cached), train the same head on each, and write a table and a bar chart.
+    """Extract with each backbone (cached), train the same head on each, cross-validate it, and write a table
+    and a bar chart; returns the rows best first.
 
-    Every backbone is trained and tested on one split: the first backbone's content-keyed split, frozen
-    in its ``split.csv`` and passed to the others (or the ``split_file`` in ``train_options``), so their
-    numbers differ only by the backbone. An entry ending in ``.onnx`` is a user model (its input size must be
-    fixed in the model). Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
+    Ranking is by ``folds``-fold cross-validated macro-F1 (``stage2_classify.cross_validate`` with the same
+    head options and seed, so every backbone gets the same folds of the same images), with its 95% interval,
+    the paired difference to the best and whether the two are indistinguishable (the interval holds 0);
+    ``folds=0`` skips cross-validation and ranks by validation macro-F1 of the one split. Every backbone is
+    also trained and tested on one split: the first backbone's content-keyed split, frozen in its
+    ``split.csv`` and passed to the others (or the ``split_file`` in ``train_options``). An entry ending in
+    ``.onnx`` is a user model (its input size must be fixed in the model). Writes ``workdir/compare.csv``,
+    ``compare.json``, ``compare.txt`` and ``compare.png``.
     """
-    rows = []
+    rows, cv_results = [], {}
     options = _train_options(train_options)
     stage1 = _with_engine(stage1_options, engine, ray_address)
     for entry in backbones:
@@ -231,6 +237,8 @@ def compare(
         result = run(images, workdir, stage1_options=stage1, train_options=options, progress=progress, **kw)
         if not options.split_file:
             options = dataclasses.replace(options, split_file=os.path.join(result.run_dir, "split.csv"))
+        if folds:
+            cv_results[result.backbone] = _cross_validate(result.features_dir, options, folds, progress)
         val, test = result.metrics.get("validation", {}), result.metrics.get("test", {})
         rows.append({
             "backbone": result.backbone,
@@ -243,7 +251,37 @@ def compare(
             "run_dir": result.run_dir,
             "split_file": options.split_file,
         })
+    rows = _rank(rows, cv_results)
     from pipeline.report import write_comparison
 
     write_comparison(rows, workdir)
     return rows
+
+
+def _cross_validate(fdir: str, options, folds: int, progress: bool):
+    """The head ``train`` fits, cross-validated on one backbone's features (same folds for every backbone)."""
+    from stage2_classify import cross_validate
+
+    keep = ("head", "hidden", "dropout", "learning_rate", "epochs", "batch_size", "weight_decay", "patience",
+            "class_weight", "seed", "group_regex", "groups")
+    given = {k: getattr(options, k) for k in keep if hasattr(options, k)}
+    result = cross_validate(fdir, folds=folds, progress=False, **given)
+    if progress:
+        print(result.format(), flush=True)
+    return result
+
+
+def _rank(rows: list[dict[str, Any]], cv_results: dict) -> list[dict[str, Any]]:
+    """Rows best first, with the cross-validated columns when there are any (``ranking.rank_by_cv``)."""
+    if not cv_results:
+        return sorted(rows, key=lambda r: -(r["val_macro_f1"] or 0))
+    from stage2_classify.training.ranking import rank_by_cv
+
+    ranked = {r["name"]: r for r in rank_by_cv(cv_results)}
+    for row in rows:
+        r = ranked[row["backbone"]]
+        ci, diff = r["cv_macro_f1_ci95"] or [None, None], r["diff_vs_best_ci95"] or [None, None]
+        row.update({"rank": r["rank"], "cv_macro_f1": r["cv_macro_f1"], "cv_macro_f1_low": ci[0],
+                    "cv_macro_f1_high": ci[1], "diff_vs_best": r["diff_vs_best"], "diff_low": diff[0],
+                    "diff_high": diff[1], "indistinguishable_from_best": r["indistinguishable_from_best"]})
+    return sorted(rows, key=lambda r: r["rank"])
