@@ -20,6 +20,9 @@ STAGE1 = ("engine", "ray_address", "provider", "precision", "batch_size", "worke
 TRAIN = ("head", "hidden", "dropout", "learning_rate", "epochs", "batch_size", "weight_decay", "seed", "class_weight",
          "val_fraction", "test_fraction", "split_file", "group_regex", "groups")
 TRAIN_FLAGS = {"batch_size": "--train-batch-size"}
+#: stage 1's grouping flags that run and compare pass on (--group-regex and --groups regroup in stage 2: no
+#: re-extraction when they change)
+STAGE1_GROUPS = ("dicom_group",)
 
 EPILOG = """examples:
   pipeline run --images data/animal_mnist --workdir work/demo
@@ -38,6 +41,7 @@ def _stage1_flags(p: argparse.ArgumentParser, *, backbone: bool) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
+    add_options(p.add_argument_group("groups (patients)"), ExtractOptions, only=STAGE1_GROUPS)
     g = p.add_argument_group("stage 2 (classifier)")
     add_options(g, TrainOptions, only=TRAIN, flags=TRAIN_FLAGS)
 
@@ -86,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _stage1_options(args) -> ExtractOptions:
     """The stage-1 options of a parsed command line; the backbone flags travel separately (cache naming)."""
-    return options_from_args(ExtractOptions, args, only=STAGE1)
+    return options_from_args(ExtractOptions, args, only=STAGE1 + STAGE1_GROUPS)
 
 
 def _train_options(args) -> TrainOptions:

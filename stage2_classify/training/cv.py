@@ -128,6 +128,8 @@ def cross_validate(
     weight_decay: float = TrainOptions.weight_decay,
     patience: int = TrainOptions.patience,
     class_weight: str = TrainOptions.class_weight,
+    group_regex: str | None = TrainOptions.group_regex,
+    groups: str | os.PathLike | None = TrainOptions.groups,
     progress: bool = True,
 ) -> CVResult:
     """Stratified, group-aware K-fold CV; returns out-of-fold probabilities for every labelled image.
@@ -137,6 +139,7 @@ def cross_validate(
     ``head``: ``"auto"`` (default), ``"linear"`` or ``"mlp"``: the head ``train`` fits with these options
     (``hidden``, ``dropout``, …), chosen inside each fold; ``"fast-linear"``: multinomial logistic regression
     with L2 ``l2``, fitted by L-BFGS for at most ``max_iter`` steps; ``"train"``: older spelling of ``"auto"``.
+    ``group_regex`` / ``groups`` regroup the rows first (``data/groups.py``); folds never divide a group.
     With ``out``, writes ``cv_metrics.json`` and ``oof_predictions.parquet`` there.
     """
     import pandas as pd
@@ -151,7 +154,10 @@ def cross_validate(
     opts = TrainOptions(head=head if head != "fast-linear" else "linear", hidden=hidden, dropout=dropout,
                         learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
                         weight_decay=weight_decay, patience=patience, seed=seed, class_weight=class_weight)
+    from stage2_classify.data.groups import regroup
+
     ds = features if isinstance(features, Dataset) else load_dataset(features)
+    ds = regroup(ds, group_regex=group_regex, groups=groups)
     t0 = time.perf_counter()
     fold, notes = _fold_of_rows(ds, folds, seed)
     k = len(ds.classes)

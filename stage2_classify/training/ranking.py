@@ -67,7 +67,7 @@ def rank_by_cv(results: dict, metric: str = "macro_f1") -> list[dict]:
 
 def tie_note(rows: list[dict], metric: str = "macro_f1") -> str:
     """A sentence on which candidates the folds cannot tell from the best."""
-    ties = [r["name"] for r in rows[1:] if r["indistinguishable_from_best"]]
+    ties = [r["name"] for r in rows if r["rank"] > 1 and r["indistinguishable_from_best"]]
     if not rows:
         return ""
     if not ties:

@@ -26,6 +26,7 @@ from shardformat.layout import require_folder
 from hybrid_common import renamed_keywords
 from stage2_classify.backend import check_backend
 from stage2_classify.data.dataset import Dataset, load_dataset
+from stage2_classify.data.groups import regroup
 from stage2_classify.data.split import split_notes
 from stage2_classify.errors import DatasetError
 from stage2_classify.options import OLD_RANK_KEYS, RANK_KEYS, CVOptions, SweepGrid, TrainOptions
@@ -59,6 +60,7 @@ def sweep(features: str | os.PathLike, out: str | os.PathLike | None = None, *,
           seed: int = TrainOptions.seed, val_fraction: float = TrainOptions.val_fraction,
           test_fraction: float = TrainOptions.test_fraction, class_weight: str = TrainOptions.class_weight,
           split_file: str | os.PathLike | None = TrainOptions.split_file,
+          group_regex: str | None = TrainOptions.group_regex, groups: str | os.PathLike | None = TrainOptions.groups,
           matmul_precision: str = TrainOptions.matmul_precision, dataset: Dataset | None = None,
           progress: bool = True) -> list[dict]:
     """Cross-validate every combination of ``hidden`` × ``dropout`` × ``learning_rate``; return the rows best
@@ -83,9 +85,10 @@ def sweep(features: str | os.PathLike, out: str | os.PathLike | None = None, *,
         raise ValueError("nothing to sweep: give at least one hidden size, dropout and learning rate")
     base = TrainOptions(epochs=epochs, batch_size=batch_size, weight_decay=weight_decay, patience=patience,
                         seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, class_weight=class_weight,
-                        split_file=split_file, matmul_precision=matmul_precision)
+                        split_file=split_file, group_regex=group_regex, groups=groups,
+                        matmul_precision=matmul_precision)
     check_backend()
-    ds = dataset if dataset is not None else load_dataset(features)
+    ds = regroup(dataset if dataset is not None else load_dataset(features), group_regex=group_regex, groups=groups)
     split = make_split(ds, base)
     if len(split["train"]) == 0:
         raise DatasetError(f"{os.fspath(features)}: no training rows after the split")
