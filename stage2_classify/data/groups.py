@@ -56,22 +56,31 @@ def _groups_from_file(path: str | os.PathLike, paths: np.ndarray) -> np.ndarray:
     return np.array([mapping.get(str(p)) for p in paths], dtype=object)
 
 
-def regroup(ds: Dataset, *, group_regex: str | None = None, groups: str | os.PathLike | None = None) -> Dataset:
-    """``ds`` with its groups replaced from ``group_regex`` or the ``groups`` file (both: the file wins where
-    it names a row); unchanged when neither is given. The feature vectors are shared, not copied."""
+def groups_for(paths: np.ndarray, current: np.ndarray, *, group_regex: str | None = None,
+               groups: str | os.PathLike | None = None) -> np.ndarray:
+    """Per row, its group: from ``group_regex`` or the ``groups`` file (both: the file wins where it names a
+    row), else ``current`` (the shards' own) when neither is given."""
     if group_regex is None and groups is None:
-        return ds
-    new = np.full(len(ds.y), None, dtype=object)
+        return current
+    new = np.full(len(paths), None, dtype=object)
     if group_regex is not None:
         regex = compile_group_regex(group_regex)
-        for i, p in enumerate(ds.paths):
+        for i, p in enumerate(paths):
             found = regex.search(str(p))
             new[i] = found.group(1) if found and found.group(1) else None
     if groups is not None:
-        from_file = _groups_from_file(groups, ds.paths)
+        from_file = _groups_from_file(groups, paths)
         named = _present(from_file)
         new[named] = from_file[named]
-    return dataclasses.replace(ds, groups=new)
+    return new
+
+
+def regroup(ds: Dataset, *, group_regex: str | None = None, groups: str | os.PathLike | None = None) -> Dataset:
+    """``ds`` with its groups replaced (:func:`groups_for`); the same object when neither option is given.
+    The feature vectors are shared, not copied."""
+    if group_regex is None and groups is None:
+        return ds
+    return dataclasses.replace(ds, groups=groups_for(ds.paths, ds.groups, group_regex=group_regex, groups=groups))
 
 
 def group_source(ds: Dataset, *, group_regex: str | None = None, groups: str | os.PathLike | None = None) -> str:

@@ -147,3 +147,33 @@ def format_group_metrics(by_group: dict | None) -> list[str]:
                      f"{fmt('balanced_accuracy', 'balanced')}  {fmt('macro_f1', 'macro-F1')} (mean probability "
                      "over each group's images; intervals resample groups)")
     return lines
+
+
+def predictions_by_group(frame, *, groups=None, group_regex: str | None = None):
+    """Per-group predictions from a prediction table (``predict(..., all_probabilities=True)``): one row per
+    group with the mean of its images' probabilities, as :func:`group_predictions` gives.
+
+    ``groups``: a mapping path → group or a sequence aligned with the rows; ``group_regex``: a regex with one
+    capture group searched in each path (as stage 1's ``--group-regex``). Rows that could not be predicted
+    (an ``error``) are left out; ungrouped rows are groups of one.
+    """
+    from stage2_classify.data.groups import groups_for
+
+    columns = [c for c in frame.columns if str(c).startswith("prob_")]
+    if not columns:
+        raise ValueError("the prediction table has no prob_<class> columns: predict with all_probabilities=True "
+                         "(CLI: --all-probabilities)")
+    usable = frame["predicted"].notna().to_numpy() if "predicted" in frame.columns else np.ones(len(frame), bool)
+    paths = frame["path"].astype(str).to_numpy()
+    if isinstance(groups, dict):
+        current = np.array([groups.get(p) for p in paths], dtype=object)
+    elif groups is not None:
+        current = np.asarray(list(groups), dtype=object)
+        if len(current) != len(frame):
+            raise ValueError(f"groups has {len(current)} entries for {len(frame)} prediction rows")
+    else:
+        current = np.full(len(frame), None, dtype=object)
+    current = groups_for(paths, current, group_regex=group_regex)
+    proba = frame[columns].to_numpy(np.float64)
+    classes = [str(c)[len("prob_"):] for c in columns]
+    return group_predictions(proba[usable], current[usable], paths[usable], classes)
