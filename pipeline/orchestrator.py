@@ -43,12 +43,27 @@ class PipelineResult:
             f"— {self.seconds['extract']:.1f}s  → {self.features_dir}",
             f"  stage 2: validation {format_metric(val, 'accuracy')}; test {format_metric(test, 'accuracy')}, "
             f"{format_metric(test, 'macro_f1', 'macro-F1')} — {self.seconds['train']:.1f}s",
+            *self._stage2_notes(),
             f"  report   {os.path.join(run, 'report.html')}  (metrics, per-class table, calibration, mistakes)",
             f"  model    {os.path.join(run, 'model.keras')}",
             f"  metrics  {os.path.join(run, 'metrics.json')}  (95% bootstrap intervals in [ ])",
             f"  plots    {os.path.join(run, 'curves.png')}, …/confusion_matrix.png, …/reliability.png",
         ]
         return "\n".join(lines)
+
+
+    def _stage2_notes(self) -> list[str]:
+        """The head stage 2 kept, the grouping and its warnings (stage 2's own words)."""
+        from stage2_classify.training.heads import describe_choice
+
+        lines = []
+        if self.metrics.get("head"):
+            lines.append(f"  head     {describe_choice(self.metrics['head'])}")
+        groups = self.metrics.get("groups") or {}
+        if groups.get("grouped"):
+            lines.append(f"  groups   {groups.get('source')}")
+        lines += [f"  WARNING  {w}" for w in groups.get("warnings") or []]
+        return lines
 
 
 def _slug(text: str) -> str:
