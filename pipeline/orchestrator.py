@@ -233,7 +233,7 @@ def compare(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Extract with each backbone (cached), train the same head on each, cross-validate it, and write a table
-    and a bar chart; returns the rows best first.
+    and a bar chart; returns one row per backbone, in the order given, each with its ``rank``.
 
     Ranking is by ``folds``-fold cross-validated macro-F1 (``stage2_classify.cross_validate`` with the same
     head options and seed, so every backbone gets the same folds of the same images), with its 95% interval,
@@ -287,9 +287,13 @@ def _cross_validate(fdir: str, options, folds: int, progress: bool):
 
 
 def _rank(rows: list[dict[str, Any]], cv_results: dict) -> list[dict[str, Any]]:
-    """Rows best first, with the cross-validated columns when there are any (``ranking.rank_by_cv``)."""
+    """The rows (in the order of ``backbones``) with a ``rank`` and, when cross-validated, the cross-validated
+    columns (``ranking.rank_by_cv``); the printed table sorts by rank."""
     if not cv_results:
-        return sorted(rows, key=lambda r: -(r["val_macro_f1"] or 0))
+        order = sorted(range(len(rows)), key=lambda i: -(rows[i]["val_macro_f1"] or 0))
+        for rank, i in enumerate(order, 1):
+            rows[i]["rank"] = rank
+        return rows
     from stage2_classify.training.ranking import rank_by_cv
 
     ranked = {r["name"]: r for r in rank_by_cv(cv_results)}
@@ -299,4 +303,4 @@ def _rank(rows: list[dict[str, Any]], cv_results: dict) -> list[dict[str, Any]]:
         row.update({"rank": r["rank"], "cv_macro_f1": r["cv_macro_f1"], "cv_macro_f1_low": ci[0],
                     "cv_macro_f1_high": ci[1], "diff_vs_best": r["diff_vs_best"], "diff_low": diff[0],
                     "diff_high": diff[1], "indistinguishable_from_best": r["indistinguishable_from_best"]})
-    return sorted(rows, key=lambda r: r["rank"])
+    return rows

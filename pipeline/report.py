@@ -32,8 +32,9 @@ def format_table(rows: list[dict[str, Any]]) -> str:
                          f"{_pair(r['diff_low'], r['diff_high'], '+.3f'):>17s}{tie} {_f(r['test_macro_f1']):>7s} "
                          f"{_f(r['extract_images_per_second'], '.1f'):>7s}")
         ties = [r["backbone"] for r in rows if r["rank"] > 1 and r["indistinguishable_from_best"]]
+        best = next(r["backbone"] for r in rows if r["rank"] == 1)
         if ties:
-            lines.append(f"indistinguishable from the best ({rows[0]['backbone']}): {', '.join(ties)} — the paired "
+            lines.append(f"indistinguishable from the best ({best}): {', '.join(ties)} — the paired "
                          "95% interval of the difference holds 0; choose on speed or size")
         return "\n".join(lines)
     head = f"{'backbone':28s} {'val acc':>8s} {'val F1':>8s} {'test acc':>8s} {'test F1':>8s} {'img/s':>8s}"
