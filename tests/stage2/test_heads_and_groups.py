@@ -143,3 +143,20 @@ def test_mean_probability_per_group_and_cluster_bootstrap():
     out = cluster_bootstrap(y, pred, np.array(["g1", "g1", "g2", "g3", "g3", "g4"]), 2, resamples=200)
     assert out["groups"] == 4 and out["accuracy"] == pytest.approx(4 / 6)
     assert all(0 <= ci[0] <= ci[1] <= 1 for ci in out["ci95"].values())
+
+
+def test_cli_evaluate_and_predict_give_per_group_results(shards, tmp_path, capsys):
+    from stage2_classify.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--features", str(shards), "--out", str(run), "--head", "linear", "--quiet"]) == 0
+    capsys.readouterr()
+    regex = r"img_\d*(\d)\.png"  # ten groups by the path's last digit (across classes: mixed labels)
+    assert main(["evaluate", "--features", str(shards), "--run", str(run), "--group-regex", regex]) == 0
+    assert "per group  evaluated: 10 groups, 10 with mixed labels" in capsys.readouterr().out
+    out = tmp_path / "p.parquet"
+    assert main(["predict", "--features", str(shards), "--run", str(run), "--out", str(out), "--group-regex",
+                 regex]) == 0
+    assert "10 groups written to" in capsys.readouterr().out
+    table = pd.read_parquet(tmp_path / "p.groups.parquet")
+    assert len(table) == 10 and table["images"].sum() == 110 and "prob_class_0" in table.columns
