@@ -87,7 +87,7 @@ def group_source(ds: Dataset, *, group_regex: str | None = None, groups: str | o
     """Where the rows' groups came from, in words."""
     grouped = int(_present(ds.groups).sum())
     if groups is not None or group_regex is not None:
-        how = " and ".join(x for x in (f"--group-regex {group_regex!r}" if group_regex else "",
+        how = " and ".join(x for x in (f"--group-regex '{group_regex}'" if group_regex else "",
                                        f"--groups {os.fspath(groups)}" if groups else "") if x)
         return f"{how} (stage 2), {grouped} of {len(ds.y)} images grouped"
     if grouped:
