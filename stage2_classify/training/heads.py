@@ -5,8 +5,9 @@ untuned MLP on a few hundred rows is worse (``bench/heads.py`` measures both aga
 probe). So:
 
 - ``linear``: multinomial logistic regression on standardised vectors (``training/linear.py``, L-BFGS), its L2
-  strength swept over ``L2_GRID`` (strongest first, each fit warm-started from the previous one) and chosen
-  by validation macro-F1, ties broken by validation log-loss; then written as the Keras head with
+  strength swept over ``L2_GRID`` (strongest first, each fit warm-started from the previous one; the sweep
+  ends after ``GRID_PATIENCE`` values in a row that are no better) and chosen by validation macro-F1, ties
+  broken by validation log-loss; then written as the Keras head with
   ``hidden=()`` (``head.linear_to_keras``), so ``model.keras`` is the same kind of file whatever was chosen.
 - ``mlp``: the Keras MLP of ``opts.hidden`` (``fit.fit_mlp``), with the small-data settings of
   ``TrainOptions``: batch size scaled to the data, AdamW weight decay, early stopping on validation loss.
@@ -34,6 +35,7 @@ from stage2_classify.training.fit import FittedHead, class_weights, fit_mlp, pre
 
 DEFAULT_L2 = 1e-3  # the linear head's L2 strength when there is no validation split to choose one on
 MAX_ITER = 300  # L-BFGS steps per L2 value (warm starts make later ones short)
+GRID_PATIENCE = 3  # grid values in a row no better than the best so far end the sweep (weaker L2 costs most)
 
 
 def validation_score(y: np.ndarray, proba: np.ndarray) -> tuple[float, float]:
@@ -59,7 +61,7 @@ def fit_linear_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOption
     cw = class_weights(y, k, opts.class_weight)
     weights = None if cw is None else np.asarray([cw[c] for c in y])
     grid = L2_GRID if len(va) else (DEFAULT_L2,)
-    best, best_key, tried, previous = None, None, [], None
+    best, best_key, tried, previous, since_best = None, None, [], None, 0
     for l2 in grid:
         previous = fit_linear(x, y, k, l2=l2, max_iter=MAX_ITER, sample_weight=weights, init=previous)
         if not len(va):
@@ -68,7 +70,11 @@ def fit_linear_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOption
         f1, loss = validation_score(ds.y[va], previous.predict_proba(ds.features[va]))
         tried.append({"l2": l2, "val_macro_f1": f1, "val_log_loss": loss})
         if best_key is None or (-f1, loss) < best_key:
-            best_key, best = (-f1, loss), (l2, previous)
+            best_key, best, since_best = (-f1, loss), (l2, previous), 0
+        else:
+            since_best += 1
+            if since_best >= GRID_PATIENCE:
+                break
     l2, fitted = best
     choice = {"l2": l2, "l2_grid": tried, "val_macro_f1": None if best_key is None else -best_key[0],
               "val_log_loss": None if best_key is None else best_key[1]}
