@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             from stage2_classify import cross_validate
 
             with Clock() as cv:
-                cross_validate(tmp / "feats", folds=5, progress=False)
+                cross_validate(tmp / "feats", folds=5, head="fast-linear", progress=False)
             result["cross_validate_linear_5_folds"] = cv.as_dict()
             print(f"cross_validate (5 folds, linear): {cv.wall:.1f}s wall", flush=True)
     result["peak_rss_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)

@@ -12,13 +12,17 @@ import sys
 
 from hybrid_common import add_options, add_progress_flag, options_from_args
 from stage1_extract.options import ExtractOptions
-from stage2_classify.options import PredictOptions, TrainOptions
+from stage2_classify.options import CVOptions, PredictOptions, TrainOptions
 
 #: the stage-1 flags every command takes (the backbone flags are per command: predict reads them from the run)
 STAGE1 = ("engine", "ray_address", "provider", "precision", "batch_size", "workers", "draft")
 #: the training flags of run and compare; the batch size is spelt --train-batch-size beside stage 1's --batch-size
-TRAIN = ("hidden", "dropout", "learning_rate", "epochs", "batch_size", "seed", "class_weight")
+TRAIN = ("head", "hidden", "dropout", "learning_rate", "epochs", "batch_size", "weight_decay", "seed", "class_weight",
+         "val_fraction", "test_fraction", "split_file", "group_regex", "groups")
 TRAIN_FLAGS = {"batch_size": "--train-batch-size"}
+#: stage 1's grouping flags that run and compare pass on (--group-regex and --groups regroup in stage 2: no
+#: re-extraction when they change)
+STAGE1_GROUPS = ("dicom_group",)
 
 EPILOG = """examples:
   pipeline run --images data/animal_mnist --workdir work/demo
@@ -37,6 +41,7 @@ def _stage1_flags(p: argparse.ArgumentParser, *, backbone: bool) -> None:
 
 
 def _train_flags(p: argparse.ArgumentParser) -> None:
+    add_options(p.add_argument_group("groups (patients)"), ExtractOptions, only=STAGE1_GROUPS)
     g = p.add_argument_group("stage 2 (classifier)")
     add_options(g, TrainOptions, only=TRAIN, flags=TRAIN_FLAGS)
 
@@ -77,13 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--backbones", required=True, help="comma-separated registry names and/or .onnx files")
     _stage1_flags(c, backbone=False)
     _train_flags(c)
+    add_options(c, CVOptions, only=("folds",), help={"folds": "cross-validation folds that rank the backbones (0: "
+                                                     "no cross-validation, rank by one split's validation score)"})
     add_progress_flag(c)
     return parser
 
 
 def _stage1_options(args) -> ExtractOptions:
     """The stage-1 options of a parsed command line; the backbone flags travel separately (cache naming)."""
-    return options_from_args(ExtractOptions, args, only=STAGE1)
+    return options_from_args(ExtractOptions, args, only=STAGE1 + STAGE1_GROUPS)
 
 
 def _train_options(args) -> TrainOptions:
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
             names = [b.strip() for b in args.backbones.split(",") if b.strip()]
             rows = pipeline.compare(args.images, names, args.workdir, stage1_options=stage1,
-                                    train_options=_train_options(args), progress=args.progress)
+                                    train_options=_train_options(args), folds=args.folds, progress=args.progress)
             print(format_table(rows))
             if rows:
                 print(f"every backbone trained and tested on one split: {rows[0]['split_file']}")

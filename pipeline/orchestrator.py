@@ -43,12 +43,27 @@ class PipelineResult:
             f"— {self.seconds['extract']:.1f}s  → {self.features_dir}",
             f"  stage 2: validation {format_metric(val, 'accuracy')}; test {format_metric(test, 'accuracy')}, "
             f"{format_metric(test, 'macro_f1', 'macro-F1')} — {self.seconds['train']:.1f}s",
+            *self._stage2_notes(),
             f"  report   {os.path.join(run, 'report.html')}  (metrics, per-class table, calibration, mistakes)",
             f"  model    {os.path.join(run, 'model.keras')}",
             f"  metrics  {os.path.join(run, 'metrics.json')}  (95% bootstrap intervals in [ ])",
             f"  plots    {os.path.join(run, 'curves.png')}, …/confusion_matrix.png, …/reliability.png",
         ]
         return "\n".join(lines)
+
+
+    def _stage2_notes(self) -> list[str]:
+        """The head stage 2 kept, the grouping and its warnings (stage 2's own words)."""
+        from stage2_classify.training.heads import describe_choice
+
+        lines = []
+        if self.metrics.get("head"):
+            lines.append(f"  head     {describe_choice(self.metrics['head'])}")
+        groups = self.metrics.get("groups") or {}
+        if groups.get("grouped"):
+            lines.append(f"  groups   {groups.get('source')}")
+        lines += [f"  WARNING  {w}" for w in groups.get("warnings") or []]
+        return lines
 
 
 def _slug(text: str) -> str:
@@ -214,16 +229,22 @@ def compare(
     ray_address: str | None = None,
     stage1_options=None,
     train_options=None,
+    folds: int = 5,
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Extract with each backbone (cached), train the same head on each, and write a table and a bar chart.
+    """Extract with each backbone (cached), train the same head on each, cross-validate it, and write a table
+    and a bar chart; returns one row per backbone, in the order given, each with its ``rank``.
 
-    Every backbone is trained and tested on one split: the first backbone's content-keyed split, frozen
-    in its ``split.csv`` and passed to the others (or the ``split_file`` in ``train_options``), so their
-    numbers differ only by the backbone. An entry ending in ``.onnx`` is a user model (its input size must be
-    fixed in the model). Writes ``workdir/compare.csv``, ``compare.json`` and ``compare.png``; returns the rows.
+    Ranking is by ``folds``-fold cross-validated macro-F1 (``stage2_classify.cross_validate`` with the same
+    head options and seed, so every backbone gets the same folds of the same images), with its 95% interval,
+    the paired difference to the best and whether the two are indistinguishable (the interval holds 0);
+    ``folds=0`` skips cross-validation and ranks by validation macro-F1 of the one split. Every backbone is
+    also trained and tested on one split: the first backbone's content-keyed split, frozen in its
+    ``split.csv`` and passed to the others (or the ``split_file`` in ``train_options``). An entry ending in
+    ``.onnx`` is a user model (its input size must be fixed in the model). Writes ``workdir/compare.csv``,
+    ``compare.json``, ``compare.txt`` and ``compare.png``.
     """
-    rows = []
+    rows, cv_results = [], {}
     options = _train_options(train_options)
     stage1 = _with_engine(stage1_options, engine, ray_address)
     for entry in backbones:
@@ -231,6 +252,8 @@ def compare(
         result = run(images, workdir, stage1_options=stage1, train_options=options, progress=progress, **kw)
         if not options.split_file:
             options = dataclasses.replace(options, split_file=os.path.join(result.run_dir, "split.csv"))
+        if folds:
+            cv_results[result.backbone] = _cross_validate(result.features_dir, options, folds, progress)
         val, test = result.metrics.get("validation", {}), result.metrics.get("test", {})
         rows.append({
             "backbone": result.backbone,
@@ -243,7 +266,41 @@ def compare(
             "run_dir": result.run_dir,
             "split_file": options.split_file,
         })
+    rows = _rank(rows, cv_results)
     from pipeline.report import write_comparison
 
     write_comparison(rows, workdir)
+    return rows
+
+
+def _cross_validate(fdir: str, options, folds: int, progress: bool):
+    """The head ``train`` fits, cross-validated on one backbone's features (same folds for every backbone)."""
+    from stage2_classify import cross_validate
+
+    keep = ("head", "hidden", "dropout", "learning_rate", "epochs", "batch_size", "weight_decay", "patience",
+            "class_weight", "seed", "group_regex", "groups")
+    given = {k: getattr(options, k) for k in keep if hasattr(options, k)}
+    result = cross_validate(fdir, folds=folds, progress=False, **given)
+    if progress:
+        print(result.format(), flush=True)
+    return result
+
+
+def _rank(rows: list[dict[str, Any]], cv_results: dict) -> list[dict[str, Any]]:
+    """The rows (in the order of ``backbones``) with a ``rank`` and, when cross-validated, the cross-validated
+    columns (``ranking.rank_by_cv``); the printed table sorts by rank."""
+    if not cv_results:
+        order = sorted(range(len(rows)), key=lambda i: -(rows[i]["val_macro_f1"] or 0))
+        for rank, i in enumerate(order, 1):
+            rows[i]["rank"] = rank
+        return rows
+    from stage2_classify.training.ranking import rank_by_cv
+
+    ranked = {r["name"]: r for r in rank_by_cv(cv_results)}
+    for row in rows:
+        r = ranked[row["backbone"]]
+        ci, diff = r["cv_macro_f1_ci95"] or [None, None], r["diff_vs_best_ci95"] or [None, None]
+        row.update({"rank": r["rank"], "cv_macro_f1": r["cv_macro_f1"], "cv_macro_f1_low": ci[0],
+                    "cv_macro_f1_high": ci[1], "diff_vs_best": r["diff_vs_best"], "diff_low": diff[0],
+                    "diff_high": diff[1], "indistinguishable_from_best": r["indistinguishable_from_best"]})
     return rows

@@ -19,8 +19,16 @@ from hybrid_common import option
 
 CLASS_WEIGHTS = ("auto", "balanced", "none")
 MATMUL_PRECISIONS = ("highest", "high", "medium")
-RANK_KEYS = ("val_macro_f1", "val_balanced_accuracy", "val_accuracy", "val_loss")
-CV_HEADS = ("linear", "train")
+RANK_KEYS = ("macro_f1", "balanced_accuracy", "accuracy", "log_loss")
+#: older spellings of the sweep's ranking keys (they ranked on one validation split; now on cross-validation)
+OLD_RANK_KEYS = {"val_macro_f1": "macro_f1", "val_balanced_accuracy": "balanced_accuracy", "val_accuracy": "accuracy",
+                 "val_loss": "log_loss"}
+HEADS = ("auto", "linear", "mlp")
+#: cv's heads: the training heads, plus the fast fixed-L2 linear fit (``fast-linear``) and ``train``, the older
+#: spelling of "the head train makes" (now ``auto``)
+CV_HEADS = (*HEADS, "fast-linear", "train")
+#: the linear head's L2 strengths (penalty on the mean log-loss), strongest first, tried on the validation split
+L2_GRID = tuple(float(v) for v in (10.0, 3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5))
 NEIGHBOUR_BACKENDS = ("auto", "exact", "usearch")
 IMBALANCE_RATIO = 1.5  # class_weight="auto" balances when the largest class is more than this × the smallest
 
@@ -38,6 +46,19 @@ def parse_hidden(text: str) -> tuple[int, ...]:
     if any(s <= 0 for s in sizes):
         raise argparse.ArgumentTypeError(f"hidden sizes must be positive: {text!r}")
     return sizes
+
+
+def parse_group_regex(text: str) -> str:
+    """``--group-regex``: refused at parse time unless it is a regex with exactly one capture group."""
+    import re
+
+    try:
+        groups = re.compile(text).groups
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+    if groups != 1:
+        raise argparse.ArgumentTypeError(f"{text!r} needs exactly one capture group (found {groups})")
+    return text
 
 
 def parse_fraction(text: str) -> float:
@@ -63,13 +84,19 @@ def comma_list(kind: Callable[[str], object]) -> Callable[[str], list]:
 class TrainOptions:
     """Everything that decides a trained head (written to ``config.json``)."""
 
+    head: str = option("auto", choices=HEADS,
+                       help="auto (default): fit the linear head (L2 strength chosen on the validation split) and "
+                       "the MLP (--hidden), keep the MLP only when its validation macro-F1 is higher; linear: the "
+                       "tuned linear head alone; mlp: the MLP alone")
     hidden: Sequence[int] = option((256,), parse=parse_hidden,  # () = linear head
-                                   help="hidden layer sizes: 256 (default), 512x256 for two layers, 0 for a linear "
-                                   "head")
+                                   help="the MLP's hidden layer sizes: 256 (default), 512x256 for two layers, 0 for "
+                                   "none (a linear head)")
     dropout: float = option(0.3, help="after each hidden layer")
     learning_rate: float = option(1e-3, flag="--lr", aliases=("--learning-rate",), help="Adam learning rate")
     epochs: int = option(50, help="maximum epochs; early stopping usually ends sooner")
-    batch_size: int = option(256, help="rows per training step")
+    batch_size: int = option(0, help="MLP rows per training step; 0 (default): scaled to the data, about 1/16 of "
+                             "the training rows within 16..256, so small sets get enough steps")
+    weight_decay: float = option(1e-4, help="MLP: AdamW weight decay (0: plain Adam)")
     patience: int = option(5, help="epochs without a better validation loss before stopping; the best weights "
                            "are restored")  # early stopping on validation loss
     seed: int = option(0, help="seeds the split and the training: same seed, same numbers")
@@ -81,6 +108,12 @@ class TrainOptions:
     split_file: str | None = option(None, help="freeze the split: a run's split.csv (matched by content_id, then "
                                     "path), or CSV/Parquet with columns path,split (train/val/test); instead of "
                                     "the content-keyed split")
+    group_regex: str | None = option(None, parse=parse_group_regex,
+                                     help="regroup the shards' rows without re-running the backbone: a regex with "
+                                     r"one capture group searched in each path (e.g. '(patient\d+)'); the split "
+                                     "and cross-validation never divide a group")
+    groups: str | None = option(None, help="regroup from a CSV/Parquet file with columns path,group (paths as the "
+                                "shards hold them); wins over --group-regex where it names a row")
     # torch float32 matmuls: "high"/"medium" allow TF32 (GPU) or bf16 (CPU)
     matmul_precision: str = option("highest", choices=MATMUL_PRECISIONS,
                                    help="highest (default): float32. medium: bfloat16 matmuls on CPUs with "
@@ -96,8 +129,13 @@ class TrainOptions:
             raise ValueError(f"learning rate must be positive, got {self.learning_rate}")
         if self.class_weight not in CLASS_WEIGHTS:
             raise ValueError(f"class_weight must be auto, balanced or none, not {self.class_weight!r}")
-        if self.epochs < 1 or self.batch_size < 1 or self.patience < 0:
-            raise ValueError("epochs and batch_size must be at least 1, patience at least 0")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {', '.join(HEADS)}, not {self.head!r}")
+        if self.epochs < 1 or self.batch_size < 0 or self.patience < 0:
+            raise ValueError("epochs must be at least 1, batch_size at least 0 (0: scaled to the data), patience "
+                             "at least 0")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be at least 0, got {self.weight_decay}")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1
                 and self.val_fraction + self.test_fraction < 1):
             raise ValueError(f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) must be "
@@ -106,6 +144,8 @@ class TrainOptions:
             raise ValueError(f"matmul_precision must be highest, high or medium, not {self.matmul_precision!r}")
         if self.split_file is not None:
             self.split_file = os.fspath(self.split_file)
+        if self.groups is not None:
+            self.groups = os.fspath(self.groups)
 
 
 @dataclasses.dataclass
@@ -120,21 +160,23 @@ class SweepGrid:
     learning_rate: Sequence[float] = option((1e-3,), flag="--lr", aliases=("--learning-rate",),
                                             parse=comma_list(float),
                                             help="comma-separated, e.g. 1e-3,3e-4 (default 1e-3)")
-    rank_by: str = option("val_macro_f1", aliases=("--sort-by",), choices=RANK_KEYS,
-                          help="validation score that ranks the heads and picks the kept one (default val_macro_f1: "
-                          "accuracy flatters heads that ignore small classes; ties broken by macro-F1)")
+    rank_by: str = option("macro_f1", aliases=("--sort-by",), choices=(*RANK_KEYS, *OLD_RANK_KEYS),
+                          help="cross-validated score that ranks the heads and picks the kept one (default macro_f1: "
+                          "accuracy flatters heads that ignore small classes); val_* are older spellings")
 
 
 @dataclasses.dataclass
 class CVOptions:
-    """K-fold cross-validation: how many folds and which head (the Keras head's options are TrainOptions')."""
+    """K-fold cross-validation: how many folds and which head (the head's own options are TrainOptions')."""
 
     folds: int = option(5, help="number of folds")
-    head: str = option("linear", choices=CV_HEADS,
-                       help="linear (default): fast logistic regression, seconds on 50k vectors; train: the Keras "
-                       "head of 'train' (--hidden, --dropout, --lr, --epochs), minutes")
-    l2: float = option(1e-3, help="--head linear: L2 penalty on the mean log-loss")
-    max_iter: int = option(100, help="--head linear: most L-BFGS steps per fold")
+    head: str = option("auto", choices=CV_HEADS,
+                       help="auto (default), linear or mlp: the head 'train' makes, chosen again inside every "
+                       "fold (its validation split is a content-keyed 0.15 of the fold's training rows); "
+                       "fast-linear: one logistic regression with --l2, seconds on 50k vectors; train: older "
+                       "spelling of auto")
+    l2: float = option(1e-3, help="--head fast-linear: L2 penalty on the mean log-loss")
+    max_iter: int = option(100, help="--head fast-linear: most L-BFGS steps per fold")
 
 
 @dataclasses.dataclass

@@ -11,17 +11,20 @@ from stage2_classify.options import CVOptions, SweepGrid, TrainOptions
 TRAIN_DESCRIPTION = ("Train a dense head on labelled shards; writes model.keras, labels.json, shard_metadata.json, "
                      "config.json, metrics.json, history.json, split.csv, predictions.parquet, curves.png, "
                      "confusion_matrix.png and reliability.png into --out, atomically.")
-SWEEP_DESCRIPTION = ("Trains every combination of --hidden x --dropout x --lr on one split of vectors loaded once, "
-                     "prints and saves a table ranked by validation score, and keeps the best head as the run "
-                     "directory OUT/best.")
+SWEEP_DESCRIPTION = ("Cross-validates every combination of --hidden x --dropout x --lr (hidden 0: the tuned linear "
+                     "head) on the same folds of vectors loaded once, prints and saves a table ranked by the "
+                     "cross-validated score with 95%% intervals and the paired difference to the best, and keeps "
+                     "the best head, fitted on the train split, as the run directory OUT/best.")
 CV_DESCRIPTION = ("Stratified, group-aware K-fold cross-validation on the cached vectors. Writes cv_metrics.json "
                   "(per fold, mean and 95%% interval, pooled) and oof_predictions.parquet (path, content_id, label, "
                   "fold, prob_<class>: every labelled image exactly once).")
-CV_HELP = {"seed": "seeds the folds (default 0)", "hidden": "--head train: hidden sizes (default 256)",
-           "dropout": "--head train (default 0.3)", "learning_rate": "--head train: Adam learning rate (default 1e-3)",
-           "epochs": "--head train: most epochs per fold (default 50)",
+CV_TRAIN = ("seed", "hidden", "dropout", "learning_rate", "epochs", "batch_size", "weight_decay", "class_weight")
+CV_HELP = {"seed": "seeds the folds (default 0)", "hidden": "the MLP's hidden sizes (default 256)",
+           "dropout": "the MLP's (default 0.3)", "learning_rate": "the MLP's Adam learning rate (default 1e-3)",
+           "epochs": "the MLP's most epochs per fold (default 50)",
            "class_weight": "auto (default): balanced weights when classes are imbalanced"}
-SHARED = tuple(f.name for f in dataclasses.fields(TrainOptions) if f.name not in ("hidden", "dropout", "learning_rate"))
+SHARED = tuple(f.name for f in dataclasses.fields(TrainOptions)
+               if f.name not in ("head", "hidden", "dropout", "learning_rate"))
 
 
 def add_parsers(sub) -> None:
@@ -39,6 +42,7 @@ def add_parsers(sub) -> None:
     s.add_argument("--out", default=None, help="directory for sweep.csv, sweep.json, sweep.txt and the best run (best/)")
     add_options(s, TrainOptions, only=SHARED)
     add_options(s, SweepGrid)
+    add_options(s, CVOptions, only=("folds",))
     add_progress_flag(s)
     s.set_defaults(handler=run_sweep)
 
@@ -47,8 +51,7 @@ def add_parsers(sub) -> None:
     add_features_flag(c)
     c.add_argument("--out", default=None, help="directory for cv_metrics.json and oof_predictions.parquet")
     add_options(c, CVOptions, only=("folds", "head", "l2"))
-    add_options(c, TrainOptions, only=("seed", "hidden", "dropout", "learning_rate", "epochs", "class_weight"),
-                help=CV_HELP)
+    add_options(c, TrainOptions, only=CV_TRAIN, help=CV_HELP)
     add_progress_flag(c)
     c.set_defaults(handler=run_cv)
 
@@ -71,7 +74,7 @@ def run_sweep(args) -> None:
     from stage2_classify.training.sweep import format_table, sweep
 
     rows = sweep(args.features, args.out, progress=args.progress, **_given(args, TrainOptions, SHARED),
-                 **_given(args, SweepGrid))
+                 **_given(args, SweepGrid), folds=args.folds)
     if not args.progress:
         print(format_table(rows, args.rank_by))
 
@@ -80,7 +83,6 @@ def run_cv(args) -> None:
     from stage2_classify.training.cv import cross_validate
 
     result = cross_validate(args.features, args.out, progress=args.progress, **_given(args, CVOptions),
-                            **_given(args, TrainOptions, ("seed", "hidden", "dropout", "learning_rate", "epochs",
-                                                          "class_weight")))
+                            **_given(args, TrainOptions, CV_TRAIN))
     if not args.progress:
         print(result.format())

@@ -5,7 +5,11 @@ from __future__ import annotations
 from hybrid_common import add_options, add_progress_flag
 from stage2_classify.cli.common import EPILOG, RAW, add_features_flag, add_run_flag
 from stage1_extract.options import ExtractOptions
-from stage2_classify.options import PredictOptions
+from stage2_classify.options import PredictOptions, TrainOptions
+
+GROUP_HELP = {"group_regex": "per-group results: a regex with one capture group searched in each path (e.g. "
+                             r"'(patient\d+)'); default: the shards' groups, or the run's own --group-regex",
+              "groups": "per-group results: a CSV/Parquet file with columns path,group"}
 
 EVALUATE_DESCRIPTION = ("Accuracy, balanced accuracy, macro-F1, per-class precision/recall/specificity/F1, ROC AUC, "
                         "log-loss, calibration and 95%% bootstrap intervals of a trained run on every labelled row "
@@ -26,6 +30,7 @@ def add_parsers(sub) -> None:
     add_features_flag(e)
     add_run_flag(e)
     e.add_argument("--out", default=None, help="also write the metrics as JSON here")
+    add_options(e, TrainOptions, only=("group_regex", "groups"), help=GROUP_HELP)
     add_progress_flag(e)
     e.set_defaults(handler=run_evaluate)
 
@@ -39,6 +44,11 @@ def add_parsers(sub) -> None:
     add_run_flag(p)
     p.add_argument("--out", required=True, help="output file: Parquet, or CSV when the name ends in .csv")
     add_options(p, PredictOptions)
+    add_options(p, TrainOptions, only=("group_regex", "groups"),
+                help={k: v.replace("per-group results", "also write OUT's name + .groups (one row per group: "
+                                   "mean probability of its images; implies --all-probabilities)")
+                      .replace("; default: the shards' groups, or the run's own --group-regex", "")
+                      for k, v in GROUP_HELP.items()})
     # the backbone's flags are stage 1's own (one definition of each, choices included)
     add_options(p, ExtractOptions, only=("weights", "onnx", "provider", "batch_size"),
                 help={"weights": "with --images: the --weights file the run's backbone used",
@@ -71,7 +81,8 @@ def check_predict(parser, args) -> None:
 def run_evaluate(args) -> None:
     from stage2_classify.evaluation.evaluate import evaluate
 
-    print(evaluate(args.features, args.run, args.out, progress=False).format())
+    print(evaluate(args.features, args.run, args.out, group_regex=args.group_regex, groups=args.groups,
+                   progress=False).format())
 
 
 def run_predict(args) -> None:
@@ -90,10 +101,37 @@ def run_predict(args) -> None:
             return
     source = args.images or args.features
     stage1 = {"provider": args.provider, "batch_size": args.batch_size} if args.images else {}
-    frame = predict(source, args.run, args.out, top_k=args.top_k, all_probabilities=args.all_probabilities,
+    grouped = args.group_regex is not None or args.groups is not None
+    frame = predict(source, args.run, args.out, top_k=args.top_k,
+                    all_probabilities=args.all_probabilities or grouped,
                     features=args.features if args.images else None, weights=args.weights, onnx=args.onnx,
                     progress=args.progress, **stage1)
     print(prediction_summary(frame, args.out))
+    if grouped:
+        print(write_group_table(frame, args.out, group_regex=args.group_regex, groups=args.groups))
+
+
+def write_group_table(frame, out: str, *, group_regex=None, groups=None) -> str:
+    """``OUT.groups.parquet`` (or ``.csv``): one row per group, the mean of its images' probabilities."""
+    import os
+
+    import pandas as pd
+
+    from shardformat import atomic_write_text, atomic_write_via_path
+    from stage2_classify.evaluation.groups import predictions_by_group
+
+    mapping = None
+    if groups is not None:
+        table = pd.read_parquet(groups) if str(groups).endswith(".parquet") else pd.read_csv(groups, dtype=str)
+        mapping = dict(zip(table["path"].astype(str), table["group"]))
+    by_group = predictions_by_group(frame, groups=mapping, group_regex=group_regex)
+    stem, ext = os.path.splitext(os.fspath(out))
+    target = f"{stem}.groups{ext if ext == '.csv' else '.parquet'}"
+    if target.endswith(".csv"):
+        atomic_write_text(target, by_group.to_csv(index=False))
+    else:
+        atomic_write_via_path(target, lambda tmp: by_group.to_parquet(tmp, index=False))
+    return f"{len(by_group)} groups written to {target} (mean probability over each group's images)"
 
 
 def run_export(args) -> None:

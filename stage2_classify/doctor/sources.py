@@ -65,7 +65,7 @@ def oof_probabilities(shards, oof, paths, labels, has_label, folds, seed, progre
         if len(set(labels[has_label])) < 2:  # duplicates and outliers still make sense without labels
             notes.append("label issues not checked: they need labelled images of at least two classes")
             return np.full((len(paths), 0), np.nan), [], "none"
-        result = cross_validate(shards, folds=folds, seed=seed, progress=progress)
+        result = cross_validate(shards, folds=folds, seed=seed, head="fast-linear", progress=progress)
         frame, classes, source = result.oof, list(result.classes), f"{folds}-fold cross-validation, seed {seed}"
     else:
         source = "given DataFrame" if isinstance(oof, pd.DataFrame) else os.fspath(oof)

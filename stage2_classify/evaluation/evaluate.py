@@ -34,6 +34,20 @@ def _probabilities(run: LoadedRun, features: np.ndarray) -> np.ndarray:
     return predict_proba(run.model, features)
 
 
+def _groups(run: LoadedRun, paths, current, group_regex, groups):
+    """The evaluated rows' groups (given options, else the run's regrouping options, else the shards'), or
+    None when no row has one."""
+    from stage2_classify.data.groups import groups_for
+
+    if group_regex is None and groups is None:
+        config = shardformat.read_json(Path(run.path) / "config.json", default={})
+        config = config if isinstance(config, dict) else {}
+        group_regex, groups = config.get("group_regex"), config.get("groups")
+    found = groups_for(paths, current, group_regex=group_regex, groups=groups)
+    has = np.array([g is not None and g == g and g != "" for g in found], dtype=bool)
+    return found if has.any() else None
+
+
 @dataclasses.dataclass
 class EvaluationResult:
     """Metrics of a run on labelled shards, and whether those shards overlap what the model learned from."""
@@ -70,6 +84,10 @@ class EvaluationResult:
                          f"{m['unknown_labels'][:10]}")
         if m.get("warning"):
             lines.append(f"  WARNING: {m['warning']}")
+        if m.get("by_group"):
+            from stage2_classify.evaluation.groups import format_group_metrics
+
+            lines += format_group_metrics({"evaluated": m["by_group"]})
         return "\n".join(lines)
 
 
@@ -97,6 +115,7 @@ def _overlap(run_path: Path, content_ids: np.ndarray, paths: np.ndarray) -> dict
 
 @renamed_keywords(shards="features", features_dir="features", model="run", model_dir="run", run_dir="run")
 def evaluate(features: str | os.PathLike, run: str | os.PathLike, out: str | os.PathLike | None = None, *,
+             group_regex: str | None = None, groups: str | os.PathLike | None = None,
              progress: bool = True) -> EvaluationResult:
     """Metrics of the trained ``run`` on every labelled row of the feature folder ``features`` (e.g. a held-out
     collection).
@@ -105,6 +124,11 @@ def evaluate(features: str | os.PathLike, run: str | os.PathLike, out: str | os.
     some rows were in the model's training or validation split (same content), a warning is issued and the
     metrics carry ``overlap`` counts and a ``warning``: those numbers are not a held-out estimate. With
     ``out``, the metrics are also written there as JSON. ``progress`` prints the summary.
+
+    With groups (the shards' own, ``group_regex`` / ``groups`` given here, else the run's own regrouping
+    options from its ``config.json``), the metrics also hold ``by_group``: one prediction per group (the mean
+    of its images' probabilities) and group-level metrics whose intervals resample groups
+    (``evaluation/groups.py``).
     """
     shards = features
     import warnings
@@ -123,7 +147,8 @@ def evaluate(features: str | os.PathLike, run: str | os.PathLike, out: str | os.
     order = np.argsort(np.asarray(run.classes, dtype=str))
     y = order[np.searchsorted(np.asarray(run.classes, dtype=str), labels[known], sorter=order)]
     rows = np.flatnonzero(has_label)[known]
-    report = classification_metrics(y, _probabilities(run, fs.features[rows]), run.classes)
+    proba = _probabilities(run, fs.features[rows])
+    report = classification_metrics(y, proba, run.classes)
     report["majority_rate"] = majority_rate(y)
     report["unlabelled_rows"] = int((~has_label).sum())
     report["unknown_labels"] = unknown
@@ -137,6 +162,11 @@ def evaluate(features: str | os.PathLike, run: str | os.PathLike, out: str | os.
                              f"({overlap.get('train', 0)}) or validation ({overlap.get('validation', 0)}) split: "
                              "these metrics are not a held-out estimate")
         warnings.warn(f"{os.fspath(shards)}: {report['warning']}", stacklevel=3)  # past renamed_keywords
+    groups = _groups(run, fs.paths[rows], fs.groups[rows], group_regex, groups)
+    if groups is not None:
+        from stage2_classify.evaluation.groups import metrics_by_group
+
+        report["by_group"] = metrics_by_group(y, proba, groups, fs.paths[rows], run.classes)
     result = EvaluationResult(os.fspath(shards), str(run.path), report)
     if out is not None:
         shardformat.atomic_write_json(out, report)

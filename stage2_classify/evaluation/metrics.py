@@ -58,6 +58,13 @@ def _summary_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
                 "macro_f1": np.nanmean(s["f1"], axis=-1)}
 
 
+def summary_from_confusion(cm: np.ndarray) -> dict[str, np.ndarray]:
+    """Accuracy, balanced accuracy and macro-F1 of one confusion matrix (k, k) or a stack of them (..., k, k)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a resample without some class gives NaN for that class, skipped
+        return _summary_from_confusion(cm)
+
+
 def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, *, resamples: int = 1000,
                         seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
     """Percentile bootstrap intervals (``scipy.stats.bootstrap``, rows resampled with replacement).
@@ -88,6 +95,34 @@ def bootstrap_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, 
     low, high = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
     return {m: (None if not (np.isfinite(lo) and np.isfinite(hi)) else [float(lo), float(hi)])
             for m, lo, hi in zip(BOOTSTRAP_METRICS, low, high)}
+
+
+def _macro_f1_of_resamples(y_true: np.ndarray, y_pred: np.ndarray, idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """Macro-F1 of each resample (rows of ``idx``), from one bincount of all their confusion matrices."""
+    cells = (y_true[idx] * n_classes + y_pred[idx]) + (np.arange(len(idx)) * n_classes * n_classes)[:, None]
+    cms = np.bincount(cells.ravel(), minlength=len(idx) * n_classes * n_classes).reshape(-1, n_classes, n_classes)
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return _summary_from_confusion(cms)["macro_f1"]
+
+
+def paired_difference(y_true: np.ndarray, pred_a: np.ndarray, pred_b: np.ndarray, n_classes: int, *,
+                      resamples: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Macro-F1 of ``pred_b`` minus that of ``pred_a`` on the same rows, with a paired percentile bootstrap
+    interval (both scored on each resample of the rows): ``{"difference", "ci95"}``."""
+    y_true, pred_a, pred_b = (np.asarray(v, np.int64) for v in (y_true, pred_a, pred_b))
+    n = len(y_true)
+    full = (_macro_f1_of_resamples(y_true, pred_b, np.arange(n)[None], n_classes)
+            - _macro_f1_of_resamples(y_true, pred_a, np.arange(n)[None], n_classes))[0] if n else np.nan
+    if n < 2:
+        return {"difference": None if not np.isfinite(full) else float(full), "ci95": None}
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    diff = _macro_f1_of_resamples(y_true, pred_b, idx, n_classes) - _macro_f1_of_resamples(y_true, pred_a, idx,
+                                                                                            n_classes)
+    diff = diff[np.isfinite(diff)]
+    alpha = (1 - level) / 2
+    ci = [float(np.quantile(diff, alpha)), float(np.quantile(diff, 1 - alpha))] if len(diff) else None
+    return {"difference": float(full), "ci95": ci}
 
 
 def _auc_per_class(y_true: np.ndarray, proba: np.ndarray) -> list[float | None]:

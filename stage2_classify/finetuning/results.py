@@ -53,8 +53,9 @@ def write_finetuned_run(loaded, rows, tb, *, model_head, state, opts, out: Path,
     proba = predict_proba(model_head, ds.features)
     metrics = metrics_by_split(ds, proba, split, seed=opts.seed)
     metrics["classes"] = ds.classes
+    metrics["head"] = {"head": f"fine-tuned (LP-FT, --unfreeze {opts.unfreeze}) backbone and"}  # the report's line
     comparison = compare_with_frozen(loaded.path, ds.classes, ds.content_ids, ds.y, proba, split["test"], opts.seed)
-    fitted = FittedHead(model_head, state.history, state.best_epoch, state.seconds, None)
+    fitted = FittedHead(model_head, state.history, state.best_epoch, state.seconds, None, kind="finetuned")
     info = {"method": "file", "split_file": os.fspath(loaded.path / "split.csv"), "finetuned_from": os.fspath(
         loaded.path.absolute())}
     writer = RunWriter(out)

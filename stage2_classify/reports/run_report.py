@@ -100,6 +100,41 @@ def _calibration(run: Path, m: dict) -> str:
     return notes(["reliability.png is missing (runs trained before calibration was recorded)"]) + text
 
 
+def _head_fact(choice, hidden, config: dict) -> str:
+    """The head kept (and how it was chosen, ``training/heads.py``), or the config's hidden sizes (older runs)."""
+    if isinstance(choice, dict) and choice.get("head"):
+        from stage2_classify.training.heads import describe_choice
+
+        return describe_choice(choice)
+    return "linear" if hidden == [] else f"hidden {hidden}, dropout {config.get('dropout')}"
+
+
+def _groups_section(metrics: dict) -> str:
+    """Grouping source, units per class and split, the warnings, and the per-group scores."""
+    g = metrics.get("groups")
+    if not isinstance(g, dict):
+        return notes(["metrics.json records no grouping (a run from before groups were reported)"])
+    unit = "groups" if g.get("grouped") else "images (no groups)"
+    per = g.get("units_per_class") or {}
+    rows = [(c, e.get("all"), e.get("train"), e.get("validation"), e.get("test")) for c, e in per.items()]
+    out = (f"<p>Grouping: {esc(g.get('source'))}. Units the split keeps together: {esc(unit)}.</p>"
+           + notes([f"warning: {w}" for w in g.get("warnings") or []] + list(g.get("notes") or []))
+           + table(["class", "all", "train", "validation", "test"], rows, [False, True, True, True, True]))
+    by_group = metrics.get("by_group") or {}
+    if by_group:
+        rows = []
+        for split, m in by_group.items():
+            gl = m.get("group_level") or {}
+            rows.append((split, m.get("groups"), m.get("mixed_label_groups"),
+                         *[_with_interval(gl, k) for k in ("accuracy", "balanced_accuracy", "macro_f1")]))
+        out += ("<h3>Per group</h3><p class=muted>A group's prediction is the mean of its images' probabilities; "
+                "brackets: 95% bootstrap intervals that resample groups, not images "
+                "(group_predictions.parquet has one row per group).</p>"
+                + table(["split", "groups", "mixed labels", "accuracy", "balanced accuracy", "macro-F1"], rows,
+                        [False, True, True, True, True, True]))
+    return out
+
+
 def _images_root(run: Path, config: dict | None, images) -> str | None:
     if images is not None:
         return os.fspath(images)
@@ -173,7 +208,7 @@ def write_run_report(run: str | os.PathLike, out: str | os.PathLike | None = Non
     if config:
         hidden = config.get("hidden")
         facts += [("shards", config.get("shards")),
-                  ("head", "linear" if hidden == [] else f"hidden {hidden}, dropout {config.get('dropout')}"),
+                  ("head", _head_fact(metrics.get("head"), hidden, config)),
                   ("learning rate", config.get("learning_rate")), ("split sizes", config.get("split_sizes")),
                   ("split", config.get("split", "stratified random"))]
     facts = [(k, _fmt(v)) for k, v in facts] + [("images", thumbs.root or "unknown (no thumbnails)")]
@@ -184,6 +219,7 @@ def write_run_report(run: str | os.PathLike, out: str | os.PathLike | None = Non
         ("summary", "Summary", headline + notes(run_notes + thumbs.problems())
          + table(["", ""], [(k, v) for k, v in facts])),
         ("metrics", "Metrics", _metrics_table(metrics)),
+        ("groups", "Groups", _groups_section(metrics)),
         ("per-class", f"Per class ({shown or 'no split'})", _per_class_table(m)),
         ("confusion", "Confusion matrix", _confusion(run, m, classes)),
         ("calibration", "Calibration", _calibration(run, m)),

@@ -6,10 +6,12 @@ always held out together (scikit-learn's ``StratifiedGroupKFold``; ``StratifiedK
 one image). Rows are in the canonical order of ``load_dataset`` and the fold shuffle is seeded, so the same
 images and seed give the same folds whatever the shards' row order.
 
-The default head is the fast linear one (``training/linear.py``): K Keras fits of the training head take minutes on
-50,000 vectors, while CV is meant to be cheap enough to run every time (``bench/cv.py``).
-``head="train"`` fits the same Keras head as ``train`` instead, early-stopping on a content-keyed 10%
-of each training fold.
+The default head is the one ``train`` fits, from the same definition (``training/heads.py``: ``auto``,
+``linear`` or ``mlp``, chosen again inside each fold on a content-keyed 15% of the fold's training rows), so
+the CV estimate is an estimate of the model ``train`` makes. ``head="fast-linear"`` is one logistic
+regression with a fixed L2 (``training/linear.py``), seconds on 50,000 vectors where K choices of the
+default head take minutes (``bench/cv.py``); the data doctor uses it. ``head="train"`` is the older
+spelling of ``auto``.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from stage2_classify.options import CV_HEADS, CVOptions, TrainOptions
 
 SUMMARY_METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "roc_auc_ovr", "log_loss", "ece")
 HEADS = CV_HEADS  # older name
+INNER_VALIDATION = 0.15  # share of a fold's training rows the head is chosen and early-stopped on
 
 
 @dataclasses.dataclass
@@ -88,8 +91,9 @@ def _fold_of_rows(ds: Dataset, folds: int, seed: int) -> tuple[np.ndarray, list[
     return fold, notes
 
 
-def _interval(values: list[float]) -> dict:
-    """Mean, sample standard deviation and a t-based 95% interval of the mean across folds."""
+def _interval(values: list[float], bounded: bool = True) -> dict:
+    """Mean, sample standard deviation and a t-based 95% interval of the mean across folds; ``bounded``
+    metrics (every one but log-loss) have their interval clipped to [0, 1], where the metric lives."""
     from scipy.stats import t
 
     vals = np.asarray([v for v in values if v is not None], np.float64)
@@ -100,7 +104,10 @@ def _interval(values: list[float]) -> dict:
         return {"mean": mean, "std": None, "ci95": None}
     std = float(vals.std(ddof=1))
     half = float(t.ppf(0.975, len(vals) - 1) * std / math.sqrt(len(vals)))
-    return {"mean": mean, "std": std, "ci95": [mean - half, mean + half]}
+    low, high = mean - half, mean + half
+    if bounded:
+        low, high = max(low, 0.0), min(high, 1.0)
+    return {"mean": mean, "std": std, "ci95": [low, high]}
 
 
 @renamed_keywords(shards="features", shards_or_dataset="features")
@@ -118,16 +125,21 @@ def cross_validate(
     learning_rate: float = TrainOptions.learning_rate,
     epochs: int = TrainOptions.epochs,
     batch_size: int = TrainOptions.batch_size,
+    weight_decay: float = TrainOptions.weight_decay,
     patience: int = TrainOptions.patience,
     class_weight: str = TrainOptions.class_weight,
+    group_regex: str | None = TrainOptions.group_regex,
+    groups: str | os.PathLike | None = TrainOptions.groups,
     progress: bool = True,
 ) -> CVResult:
     """Stratified, group-aware K-fold CV; returns out-of-fold probabilities for every labelled image.
 
     ``features``: a feature folder, or a :class:`~stage2_classify.Dataset` already loaded.
 
-    ``head``: ``"linear"`` (default; multinomial logistic regression with L2 ``l2``, fitted by L-BFGS for at
-    most ``max_iter`` steps) or ``"train"`` (the Keras head of ``train`` with ``hidden``, ``dropout``, …).
+    ``head``: ``"auto"`` (default), ``"linear"`` or ``"mlp"``: the head ``train`` fits with these options
+    (``hidden``, ``dropout``, …), chosen inside each fold; ``"fast-linear"``: multinomial logistic regression
+    with L2 ``l2``, fitted by L-BFGS for at most ``max_iter`` steps; ``"train"``: older spelling of ``"auto"``.
+    ``group_regex`` / ``groups`` regroup the rows first (``data/groups.py``); folds never divide a group.
     With ``out``, writes ``cv_metrics.json`` and ``oof_predictions.parquet`` there.
     """
     import pandas as pd
@@ -138,9 +150,14 @@ def cross_validate(
         raise ValueError(f"folds must be at least 2, got {folds}")
     if head not in CV_HEADS:
         raise ValueError(f"head must be one of {', '.join(CV_HEADS)}, not {head!r}")
-    opts = TrainOptions(hidden=hidden, dropout=dropout, learning_rate=learning_rate, epochs=epochs,
-                        batch_size=batch_size, patience=patience, seed=seed, class_weight=class_weight)
+    head = "auto" if head == "train" else head
+    opts = TrainOptions(head=head if head != "fast-linear" else "linear", hidden=hidden, dropout=dropout,
+                        learning_rate=learning_rate, epochs=epochs, batch_size=batch_size,
+                        weight_decay=weight_decay, patience=patience, seed=seed, class_weight=class_weight)
+    from stage2_classify.data.groups import regroup
+
     ds = features if isinstance(features, Dataset) else load_dataset(features)
+    ds = regroup(ds, group_regex=group_regex, groups=groups)
     t0 = time.perf_counter()
     fold, notes = _fold_of_rows(ds, folds, seed)
     k = len(ds.classes)
@@ -148,7 +165,7 @@ def cross_validate(
     previous = None
     for f in range(folds):
         train_rows, held = np.flatnonzero(fold != f), np.flatnonzero(fold == f)
-        if head == "linear":
+        if head == "fast-linear":
             cw = class_weights(ds.y[train_rows], k, class_weight)
             weights = None if cw is None else np.asarray([cw[c] for c in ds.y[train_rows]])
             previous = _fit_linear(ds.features[train_rows], ds.y[train_rows], k, l2, max_iter, weights, previous)
@@ -160,7 +177,8 @@ def cross_validate(
     seconds = time.perf_counter() - t0
     fold_metrics = [classification_metrics(ds.y[fold == f], proba[fold == f], ds.classes, bootstrap=False)
                     for f in range(folds)]
-    summary = {name: _interval([m.get(name) for m in fold_metrics]) for name in SUMMARY_METRICS}
+    summary = {name: _interval([m.get(name) for m in fold_metrics], bounded=name != "log_loss")
+               for name in SUMMARY_METRICS}
     pooled = classification_metrics(ds.y, proba, ds.classes, seed=seed)
     oof = pd.DataFrame({"path": ds.paths.astype(str), "content_id": ds.content_ids.astype(str),
                         "label": ds.labels.astype(str), "fold": fold.astype(np.int32)})
@@ -182,12 +200,14 @@ def _fit_linear(x, y, k, l2, max_iter, weights, previous):
 
 
 def fit_keras_fold(ds: Dataset, train_rows: np.ndarray, held: np.ndarray, opts) -> np.ndarray:
-    """The training head on one fold, early-stopping on a content-keyed 10% of the fold's training rows."""
+    """The training head on one fold, chosen and early-stopped on a content-keyed 15% of the fold's training
+    rows."""
     from stage2_classify.data.split import content_split
-    from stage2_classify.training.fit import fit_head, predict_proba
+    from stage2_classify.training.fit import predict_proba
+    from stage2_classify.training.heads import fit_head
 
-    inner = content_split(ds.content_ids[train_rows], ds.y[train_rows], ds.groups[train_rows], val_fraction=0.1,
-                          test_fraction=0.0, seed=opts.seed)
+    inner = content_split(ds.content_ids[train_rows], ds.y[train_rows], ds.groups[train_rows],
+                          val_fraction=INNER_VALIDATION, test_fraction=0.0, seed=opts.seed)
     split = {"train": train_rows[inner["train"]], "validation": train_rows[inner["validation"]]}
     fitted = fit_head(ds, split, opts, progress=False)
     return predict_proba(fitted.model, ds.features[held])
@@ -204,7 +224,7 @@ def _write(out, result: CVResult, ds: Dataset, seed: int, opts, l2: float) -> st
     atomic_write_table(pa.Table.from_pandas(result.oof, preserve_index=False), fs, f"{root}/oof_predictions.parquet")
     payload = {
         "shards": ds.source, "folds": result.folds, "seed": seed, "head": result.head,
-        "head_options": {"l2": l2} if result.head == "linear" else dataclasses.asdict(opts),
+        "head_options": {"l2": l2} if result.head == "fast-linear" else dataclasses.asdict(opts),
         "images": len(result.oof), "classes": result.classes, "seconds": round(result.seconds, 3),
         "summary": result.summary, "per_fold": result.fold_metrics, "pooled": result.pooled, "notes": result.notes,
     }

@@ -24,10 +24,12 @@ from stage2_classify.options import IMBALANCE_RATIO, TrainOptions
 @dataclasses.dataclass
 class FittedHead:
     model: object
-    history: dict
-    best_epoch: int
+    history: dict  # the MLP's per-epoch curves ({} when no MLP was fitted)
+    best_epoch: int  # the MLP's (0 when no MLP was fitted)
     seconds: float
     class_weight: dict | None
+    kind: str = "mlp"  # what model.keras holds: "linear" or "mlp"
+    choice: dict | None = None  # how it was chosen (training/heads.py): validation scores of the candidates
 
 
 def class_weights(y: np.ndarray, n_classes: int, mode: str) -> dict | None:
@@ -90,8 +92,15 @@ def matmul_precision(precision: str):
         torch.set_float32_matmul_precision(before)
 
 
-def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, progress: bool = True) -> FittedHead:
-    """Fit one head on the train split, early-stopping on validation loss with the best weights restored.
+def auto_batch_size(n_train: int) -> int:
+    """``batch_size=0``: about n/16 rows per step, a power of two within 16..256 (600 rows → 32: ~13 steps an
+    epoch, where a batch of 256 gave two and early stopping had nothing to go on)."""
+    return int(np.clip(2 ** round(np.log2(max(n_train, 1) / 16)), 16, 256))
+
+
+def fit_mlp(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, progress: bool = True) -> FittedHead:
+    """Fit the Keras MLP (``opts.hidden``) on the train split, early-stopping on validation loss with the best
+    weights restored. Which head to fit is decided in ``training/heads.py``; use its ``fit_head``.
 
     ``progress``: Keras' progress bar on a terminal, one line per epoch otherwise.
     """
@@ -108,7 +117,8 @@ def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, prog
     x_train, y_train = ds.features[tr], ds.y[tr]
     mean, variance = column_stats(x_train)
     model = build_head(ds.features.shape[1], len(ds.classes), hidden=opts.hidden, dropout=opts.dropout,
-                       learning_rate=opts.learning_rate, mean=mean, variance=variance)
+                       learning_rate=opts.learning_rate, mean=mean, variance=variance,
+                       weight_decay=opts.weight_decay)
     has_val = len(va) > 0
     monitor = "val_loss" if has_val else "loss"
     callbacks = [keras.callbacks.EarlyStopping(monitor=monitor, patience=opts.patience, restore_best_weights=True)]
@@ -118,13 +128,14 @@ def fit_head(ds: Dataset, split: dict[str, np.ndarray], opts: TrainOptions, prog
         hist = model.fit(
             x_train, y_train,
             validation_data=(ds.features[va], ds.y[va]) if has_val else None,
-            epochs=opts.epochs, batch_size=opts.batch_size, shuffle=True,
+            epochs=opts.epochs, batch_size=opts.batch_size or auto_batch_size(len(tr)), shuffle=True,
             class_weight=cw, callbacks=callbacks, verbose=keras_verbosity(progress),
         )
     seconds = time.perf_counter() - t0
     history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
     series = history.get(monitor) or [0.0]
-    return FittedHead(model, history, int(np.nanargmin(series)) + 1, seconds, cw)
+    return FittedHead(model, history, int(np.nanargmin(series)) + 1, seconds, cw,
+                      kind="mlp" if opts.hidden else "linear")
 
 
 def predict_proba(model, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:

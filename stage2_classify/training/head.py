@@ -12,11 +12,13 @@ import numpy as np
 
 
 def build_head(feature_dim: int, n_classes: int, *, hidden: Sequence[int] = (256,), dropout: float = 0.3,
-               learning_rate: float = 1e-3, mean: np.ndarray | None = None, variance: np.ndarray | None = None):
+               learning_rate: float = 1e-3, mean: np.ndarray | None = None, variance: np.ndarray | None = None,
+               weight_decay: float = 0.0):
     """A compiled Keras model. Standardisation is a layer inside the model, so a saved model needs nothing else.
 
     ``hidden=()`` gives a linear (multinomial logistic-regression) head; ``mean``/``variance`` are the
-    training-split statistics used to standardise inputs (zero mean / unit variance when omitted).
+    training-split statistics used to standardise inputs (zero mean / unit variance when omitted);
+    ``weight_decay`` > 0 compiles it with AdamW instead of Adam.
     """
     import keras
     from keras import layers
@@ -36,8 +38,24 @@ def build_head(feature_dim: int, n_classes: int, *, hidden: Sequence[int] = (256
     outputs = layers.Dense(n_classes, activation="softmax", name="probabilities")(x)
     model = keras.Model(inputs, outputs, name="feature_classifier")
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        optimizer=(keras.optimizers.AdamW(learning_rate=learning_rate, weight_decay=weight_decay) if weight_decay > 0
+                   else keras.optimizers.Adam(learning_rate=learning_rate)),
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
     )
+    return model
+
+
+def linear_to_keras(head, n_classes: int):
+    """A fitted :class:`~stage2_classify.training.linear.LinearHead` as the Keras head with ``hidden=()``: the
+    same probabilities, saved in ``model.keras`` like every other head.
+
+    Keras divides by ``max(sqrt(variance), 1e-3)`` here (``build_head`` floors the variance at 1e-6) where the
+    linear fit divided by ``scale``; the kernel is rescaled by the ratio, so the two agree exactly.
+    """
+    scale = np.asarray(head.scale, np.float64)
+    model = build_head(len(scale), n_classes, hidden=(), mean=head.mean, variance=scale ** 2)
+    keras_scale = np.sqrt(np.maximum(scale ** 2, 1e-6))
+    kernel = np.asarray(head.weights, np.float64) * (keras_scale / scale)[:, None]
+    model.get_layer("probabilities").set_weights([kernel.astype(np.float32), np.asarray(head.bias, np.float32)])
     return model

@@ -81,9 +81,16 @@ def test_compare_two_backbones(images, tmp_path):
     tiny = make_tiny_onnx(tmp_path / "tiny.onnx")
     rows = pipeline.compare(images, ["efficientnet_lite0", str(tiny)], tmp_path / "cmp", train_options=TRAIN,
                             progress=False)
-    assert [r["backbone"] for r in rows][0] == "efficientnet_lite0" and len(rows) == 2
+    assert [r["backbone"] for r in rows][0] == "efficientnet_lite0" and len(rows) == 2  # in the order given
     for r in rows:
         assert 0 <= r["val_accuracy"] <= 1 and r["extract_images_per_second"] > 0
+    # ranked by cross-validated macro-F1 (same folds for both), the runner-up paired against the best
+    best, second = sorted(rows, key=lambda r: r["rank"])
+    assert [best["rank"], second["rank"]] == [1, 2] and best["cv_macro_f1"] >= second["cv_macro_f1"]
+    assert 0 <= best["cv_macro_f1_low"] <= best["cv_macro_f1"] <= best["cv_macro_f1_high"] <= 1
+    assert second["diff_low"] <= second["diff_vs_best"] <= second["diff_high"]
+    assert second["indistinguishable_from_best"] == (second["diff_low"] <= 0 <= second["diff_high"])
+    assert "ranked by cross-validated macro-F1" in (tmp_path / "cmp" / "compare.txt").read_text()
     for f in ("compare.csv", "compare.json", "compare.png"):
         assert (tmp_path / "cmp" / f).stat().st_size > 0
     again = pipeline.compare(images, ["efficientnet_lite0"], tmp_path / "cmp", train_options=TRAIN, progress=False)

@@ -33,7 +33,8 @@ def test_train_keywords_are_train_options_fields_with_their_defaults():
 
 def test_sweep_cv_doctor_and_predict_take_their_defaults_from_the_option_classes():
     grid = _fields(SweepGrid)
-    shared = {k: v for k, v in _fields(TrainOptions).items() if k not in grid}
+    # a sweep names its heads itself (hidden 0: the tuned linear head, others MLPs), so it has no ``head``
+    shared = {k: v for k, v in _fields(TrainOptions).items() if k not in grid and k != "head"}
     keywords = _defaults(sweep)
     assert {k: keywords[k] for k in grid} == grid
     assert {k: keywords[k] for k in shared} == shared
@@ -41,7 +42,8 @@ def test_sweep_cv_doctor_and_predict_take_their_defaults_from_the_option_classes
     assert {k: cv[k] for k in _fields(CVOptions)} == _fields(CVOptions)
     train_options = _fields(TrainOptions)
     assert all(cv[k] == train_options[k] for k in ("seed", "hidden", "dropout", "learning_rate", "epochs",
-                                                 "batch_size", "patience", "class_weight"))
+                                                 "batch_size", "weight_decay", "patience", "class_weight"))
+    assert cv["head"] == train_options["head"] == "auto"  # cv estimates the model train makes
     checks = _defaults(doctor)
     assert {k: checks[k] for k in _fields(DoctorOptions)} == _fields(DoctorOptions)
     assert _defaults(Classifier.predict)["top_k"] == PredictOptions.top_k

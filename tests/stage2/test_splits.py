@@ -219,9 +219,9 @@ def test_a_reordered_or_edited_labels_json_is_refused(shards, tmp_path):
 
 def test_sweep_keeps_the_best_model_and_uses_the_train_split(shards, tmp_path):
     rows = sweep(shards, tmp_path / "sw", hidden=[(), (16,)], dropout=[0.2], learning_rate=[1e-2], epochs=4,
-                 batch_size=32, seed=2, progress=False)
-    scores = [r["val_macro_f1"] for r in rows]
-    assert scores == sorted(scores, reverse=True)  # ranked by validation macro-F1 by default
+                 batch_size=32, seed=2, folds=3, progress=False)
+    scores = [r["cv_macro_f1"] for r in rows]
+    assert scores == sorted(scores, reverse=True)  # ranked by cross-validated macro-F1 by default
     best = tmp_path / "sw" / "best"
     run = load_run(best)
     config = json.loads((best / "config.json").read_text())

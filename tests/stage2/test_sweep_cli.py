@@ -24,26 +24,30 @@ def shards(tmp_path_factory):
                                   unlabelled=3)
 
 
-def test_sweep_table_ranked_by_validation_score(shards, tmp_path, capsys):
-    rows = sweep(shards, tmp_path / "sweep", hidden=[(0,), (16,), (32, 16)], dropout=[0.0, 0.3],
-                 learning_rate=[1e-2], epochs=6, batch_size=32, progress=True, rank_by="val_accuracy")
-    assert len(rows) == 6 and [r["rank"] for r in rows] == list(range(1, 7))
-    scores = [(r["val_accuracy"], r["val_macro_f1"]) for r in rows]
+def test_sweep_table_ranked_by_cross_validated_score_with_paired_intervals(shards, tmp_path, capsys):
+    rows = sweep(shards, tmp_path / "sweep", hidden=[(0,), (16,)], dropout=[0.0, 0.3],
+                 learning_rate=[1e-2], epochs=4, batch_size=32, folds=3, progress=True, rank_by="val_accuracy")
+    assert len(rows) == 4 and rows[0]["rank"] == 1
+    scores = [r["cv_accuracy"] for r in rows]  # val_accuracy: the older spelling of accuracy
     assert scores == sorted(scores, reverse=True)
-    assert {r["hidden"] for r in rows} == {"linear", "16", "32x16"}
+    assert {r["hidden"] for r in rows} == {"linear", "16"}
     linear = [r for r in rows if r["hidden"] == "linear"]
-    assert linear[0]["val_loss"] == linear[1]["val_loss"]  # dropout means nothing to a linear head: trained once
+    assert linear[0]["cv_macro_f1"] == linear[1]["cv_macro_f1"]  # dropout means nothing to a linear head
+    best, rest = rows[0], [r for r in rows if r["rank"] > 1]
+    assert best["diff_vs_best"] == 0 and best["indistinguishable_from_best"]
+    for r in rest:
+        assert r["diff_vs_best"] <= 0 and r["diff_low"] <= r["diff_vs_best"] <= r["diff_high"]
+        assert r["indistinguishable_from_best"] == (r["diff_low"] <= 0 <= r["diff_high"])
+        assert 0 <= r["cv_macro_f1_low"] <= r["cv_macro_f1"] <= r["cv_macro_f1_high"] <= 1
     with open(tmp_path / "sweep" / "sweep.csv") as fh:
         table = list(csv.DictReader(fh))
     assert [r["hidden"] for r in table] == [r["hidden"] for r in rows]
     saved = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
-    assert saved["rows"] == rows and saved["rank_by"] == "val_accuracy"
+    assert saved["rows"] == rows and saved["rank_by"] == "accuracy" and saved["folds"] == 3
+    assert set(saved["best_run_metrics"]) == {"validation", "test"}
     printed = capsys.readouterr().out
-    assert "ranked by val accuracy" in printed and printed.count("linear") >= 2
-    assert (tmp_path / "sweep" / "sweep.txt").read_text().startswith("ranked by val accuracy")
-    by_loss = sweep(shards, None, hidden=[(), (16,)], dropout=[0.3], learning_rate=[1e-2], epochs=4,
-                    rank_by="val_loss", progress=False)
-    assert by_loss[0]["val_loss"] <= by_loss[1]["val_loss"]
+    assert "ranked by cross-validated accuracy" in printed and printed.count("linear") >= 2
+    assert (tmp_path / "sweep" / "sweep.txt").read_text().startswith("ranked by cross-validated accuracy")
 
 
 def test_every_subcommand_has_help(capsys):
@@ -85,10 +89,11 @@ def test_cli_train_evaluate_predict_sweep(shards, tmp_path, capsys):
     assert main(["predict", "--shards", str(shards), "--model", str(run), "--out", str(tmp_path / "p.parquet")]) == 0
     assert pq.read_table(tmp_path / "p.parquet").num_rows == 183
     assert main(["sweep", "--shards", str(shards), "--out", str(tmp_path / "sw"), "--hidden", "0,16",
-                 "--epochs", "2", "--rank-by", "val_macro_f1"]) == 0
-    assert "ranked by val macro f1" in capsys.readouterr().out and (tmp_path / "sw" / "best" / "run.json").is_file()
-    assert main(["cv", "--shards", str(shards), "--out", str(tmp_path / "cv"), "--folds", "3", "--quiet"]) == 0
-    assert "cross-validation: 3 folds, 180 images" in capsys.readouterr().out
+                 "--epochs", "2", "--folds", "3", "--rank-by", "val_macro_f1"]) == 0
+    assert "ranked by cross-validated macro f1" in capsys.readouterr().out and (tmp_path / "sw" / "best" / "run.json").is_file()
+    assert main(["cv", "--shards", str(shards), "--out", str(tmp_path / "cv"), "--folds", "3", "--epochs", "2",
+                 "--quiet"]) == 0
+    assert "cross-validation: 3 folds, 180 images, auto head" in capsys.readouterr().out
     assert pq.read_table(tmp_path / "cv" / "oof_predictions.parquet").num_rows == 180
 
 

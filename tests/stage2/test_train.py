@@ -14,7 +14,7 @@ from stage2_classify import DatasetError, RunDirError, TrainOptions, load_datase
 from tests.support.synthetic import write_synthetic_shards
 
 REPO = Path(__file__).resolve().parents[2]
-FAST = dict(epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
+FAST = dict(head="mlp", epochs=15, patience=3, batch_size=32, learning_rate=1e-2, progress=False)
 
 
 @pytest.fixture(scope="module")
