@@ -58,7 +58,8 @@ def main(argv=None) -> int:
     from stage1_extract import extract, get_backbone
     from stage1_extract.model.weights import build_torch_classifier, weights_source
     from stage2_classify.options import TrainOptions
-    from stage2_classify.training.fit import evaluate_splits, fit_head, make_split
+    from stage2_classify.training.fit import evaluate_splits, make_split
+    from stage2_classify.training.heads import fit_head
 
     runs, data = {}, {}
     with tempfile.TemporaryDirectory(prefix="bench-draft-") as tmp:

@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     from stage2_classify.data.dataset import load_dataset
     from stage2_classify.data.split import content_split
     from stage2_classify.options import TrainOptions
-    from stage2_classify.training.fit import fit_head
+    from stage2_classify.training.heads import fit_head
 
     nbytes = args.rows * args.dim * 4
     with tempfile.TemporaryDirectory(prefix="bench-stage2-") as tmp:

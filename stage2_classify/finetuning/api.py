@@ -59,7 +59,7 @@ def _linear_probe(loaded, layer, train, val, rows, progress: bool):
     the frozen backbone's vectors of the train split at that resolution (early-stopped on validation)."""
     from stage2_classify.data.dataset import Dataset
     from stage2_classify.finetuning.model import pooled_vectors
-    from stage2_classify.training.fit import fit_head
+    from stage2_classify.training.heads import fit_head
 
     opts = _train_options(loaded)
     picked = np.concatenate([train.rows, val.rows])
