@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from stage1_extract.decoding.files import DecodeError, read_ahead, read_image, split_frame_ref
-from stage1_extract.decoding.image import decode_image
+from stage1_extract.decoding.image import decode_image, jpeg_scan_problem
 from stage1_extract.decoding.batches import Batch, ItemResult
 from stage1_extract.model.preprocessing import Preprocessing
 from stage1_extract.decoding.torch_decoder import MAX_ASPECT, resize_crop_float
@@ -166,7 +166,7 @@ class NvImageCodecDecoder:
 
     def _code_stream(self, data: bytes):
         """nvImageCodec's view of a file when the device should decode it, else None (PIL's turn)."""
-        if data[:3] != b"\xff\xd8\xff":
+        if data[:3] != b"\xff\xd8\xff" or jpeg_scan_problem(data) is not None:  # PIL records why it is no image
             return None
         try:  # the header is parsed lazily, on the first attribute read
             cs = self.nvimgcodec.CodeStream(data)

@@ -26,7 +26,10 @@ MAX_ASPECT = 8.0  # beyond this, resizing the whole image first costs too much m
 
 
 def _is_jpeg(data: bytes) -> bool:
-    return data[:3] == b"\xff\xd8\xff"
+    """A JPEG the device should decode; a header-only one goes to PIL, which records why it is no image."""
+    from stage1_extract.decoding.image import jpeg_scan_problem
+
+    return data[:3] == b"\xff\xd8\xff" and jpeg_scan_problem(data) is None
 
 
 def resize_crop(img, prep: Preprocessing):

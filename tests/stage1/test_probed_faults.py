@@ -267,3 +267,17 @@ def test_replacing_an_onnx_models_external_weights_changes_its_identity(tmp_path
     second = wrap_user_onnx(path, input_size=32)
     assert second.weights_id != first.weights_id  # before: the same key, the old model's cached export
     assert second.onnx_sha256 != first.onnx_sha256
+
+
+@pytest.mark.parametrize("decoder", ["torch-cpu", "nvimgcodec-cpu"])
+def test_a_header_only_jpeg_is_refused_by_the_gpu_decoders_too(tmp_path, tiny, decoder):
+    """The GPU decoders (run here on their CPU back ends) hand a header-only JPEG to PIL, which records it."""
+    if decoder == "nvimgcodec-cpu":
+        pytest.importorskip("nvidia.nvimgcodec")
+    with_eoi, _ = _header_only_jpeg()
+    root = make_image_tree(tmp_path / "imgs", per_class=1, size=48, classes=("cat",))
+    (root / "cat" / "header_only.jpg").write_bytes(with_eoi)
+    s = extract(root, tmp_path / "out", onnx=tiny, input_size=32, decode=decoder, progress=False)
+    assert (s.extracted, s.errors) == (1, 1)
+    errors = shardformat.read_errors(tmp_path / "out")
+    assert errors[0]["path"] == "cat/header_only.jpg" and "no image data" in errors[0]["reason"]
