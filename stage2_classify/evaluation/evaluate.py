@@ -16,6 +16,7 @@ import shardformat
 from hybrid_common import renamed_keywords
 from stage2_classify.data.dataset import labelled_mask
 from stage2_classify.errors import DatasetError
+from stage2_classify.finetuning.provenance import seen_by_backbone
 from stage2_classify.runs.load import LoadedRun, load_run
 
 
@@ -63,7 +64,8 @@ class EvaluationResult:
     @property
     def held_out(self) -> bool:
         """False when any evaluated image was in the model's training or validation split."""
-        return not (self.overlap.get("train") or self.overlap.get("validation"))
+        return not (self.overlap.get("train") or self.overlap.get("validation")
+                    or self.overlap.get("finetuned_backbone"))
 
     def format(self) -> str:
         from stage2_classify.evaluation.metrics import format_metric
@@ -156,7 +158,16 @@ def evaluate(features: str | os.PathLike, run: str | os.PathLike, out: str | os.
     overlap = _overlap(run.path, fs.content_ids[rows], fs.paths[rows])
     report["overlap"] = overlap
     seen = overlap.get("train", 0) + overlap.get("validation", 0)
-    report["held_out"] = seen == 0
+    tuned = seen_by_backbone(fs.metadata)  # vectors of a fine-tuned backbone: the images it learnt from
+    if tuned:
+        used = tuned["train"] | tuned["validation"]
+        overlap["finetuned_backbone"] = int(sum(c in used for c in fs.content_ids[rows]))
+    report["held_out"] = seen == 0 and not overlap.get("finetuned_backbone")
+    if not seen and overlap.get("finetuned_backbone"):
+        report["warning"] = (f"{overlap['finetuned_backbone']} of {len(rows)} evaluated images trained the fine-tuned "
+                             f"backbone these vectors come from ({fs.metadata.provenance.get('directory')}): these "
+                             "metrics are not a held-out estimate")
+        warnings.warn(f"{os.fspath(shards)}: {report['warning']}", stacklevel=3)
     if seen:
         report["warning"] = (f"{seen} of {len(rows)} evaluated images were in the model's training "
                              f"({overlap.get('train', 0)}) or validation ({overlap.get('validation', 0)}) split: "

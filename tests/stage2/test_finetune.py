@@ -137,6 +137,12 @@ def test_stage1_extracts_with_the_backbone_and_records_provenance(frozen, tuned,
     # another split puts images the backbone trained on into validation/test: said, with the fix
     other = train(again, tmp_path / "other-split", epochs=1, progress=False, seed=5)
     assert "trained the fine-tuned backbone" in other.text and "--split-file" in other.text
+    # evaluating the frozen-split run of those vectors on all of them: not held out, the backbone saw them
+    from stage2_classify import evaluate
+
+    with pytest.warns(UserWarning):
+        ev = evaluate(again, again_run.run_dir, progress=False)
+    assert not ev.held_out and ev.overlap["finetuned_backbone"] > 0
     # ... and never mixes them with pretrained vectors, nor lets a frozen run predict on them
     with pytest.raises(IncompatibleShardsError, match="fine-tuned"):
         Classifier.load(frozen / "frozen").predict(again, progress=False)
