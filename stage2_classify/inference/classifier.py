@@ -174,6 +174,18 @@ class Classifier:
 
         return export(self, out, precision=precision, images=images, **kwargs)
 
+    def predict_groups(self, inputs, *, groups=None, group_regex: str | None = None, **kwargs):
+        """Per-group predictions (e.g. one row per patient): :meth:`predict` on ``inputs``, then the mean of each
+        group's image probabilities (:func:`stage2_classify.evaluation.groups.predictions_by_group`). ``groups``:
+        path → group mapping or one entry per row; ``group_regex``: one capture group searched in each path;
+        neither: the groups stage 1 recorded in the shards, where the input is shards. Returns (images, groups)."""
+        from stage2_classify.evaluation.groups import predictions_by_group
+
+        frame = self.predict(inputs, all_probabilities=True, **kwargs)
+        if groups is None and group_regex is None and "group" in frame.columns:
+            groups = frame["group"].tolist()
+        return frame, predictions_by_group(frame, groups=groups, group_regex=group_regex)
+
     def finetune(self, out: str | os.PathLike, *, images=None, **kwargs) -> "Classifier":
         """Fine-tune this run's backbone end to end from its head (LP-FT) into the run directory ``out``, and
         load it (see :func:`stage2_classify.finetuning.api.finetune` for the options)."""

@@ -64,7 +64,11 @@ def plot_curves(history: dict[str, list[float]], path: str, best_epoch: int | No
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(title)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if len(epochs):
+            ax.legend()
+        else:  # a linear head is fitted in closed form (L-BFGS on the train split), not in epochs
+            ax.text(0.5, 0.5, "no epochs: the kept head was fitted in one solve\n(linear head, L2 chosen on "
+                    "validation)", ha="center", va="center", transform=ax.transAxes, color="grey", parse_math=False)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

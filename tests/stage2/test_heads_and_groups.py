@@ -161,3 +161,10 @@ def test_cli_evaluate_and_predict_give_per_group_results(shards, tmp_path, capsy
     assert "10 groups written to" in capsys.readouterr().out
     table = pd.read_parquet(tmp_path / "p.groups.parquet")
     assert len(table) == 10 and table["images"].sum() == 110 and "prob_class_0" in table.columns
+    # the Python API gives the same per-group rows as the CLI
+    from stage2_classify import Classifier
+
+    images, by_group = Classifier.load(run).predict_groups(shards, group_regex=regex, progress=False)
+    assert len(images) == 110 and len(by_group) == 10
+    np.testing.assert_allclose(by_group.sort_values("group")["prob_class_0"].to_numpy(float),
+                               table.sort_values("group")["prob_class_0"].to_numpy(float), atol=1e-6)
