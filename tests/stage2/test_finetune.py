@@ -219,3 +219,14 @@ def test_blocks_group_parameters_by_their_first_index():
     groups = blocks(net)
     assert groups == [["stem.weight", "stem.bias", "blocks.0.weight", "blocks.0.bias"],
                       ["blocks.1.weight", "blocks.1.bias", "head.weight", "head.bias"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+def test_finetune_on_a_gpu_with_mixed_precision_matches_the_cpu_path(frozen, tmp_path):
+    """The same fine-tune on CUDA (bfloat16 autocast for the backbone) writes a run that predicts like any other."""
+    from stage2_classify import finetune
+
+    result = finetune(frozen / "frozen", tmp_path / "gpu", progress=False, device="cuda", **FAST)
+    assert result.comparison["test_images"] > 0
+    assert len(result.history["loss"]) == FAST["epochs"] and np.isfinite(result.history["loss"]).all()
