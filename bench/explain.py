@@ -91,7 +91,8 @@ def run_head(name: str, hidden, root: Path, features: Path, held: Path, marked: 
     from stage2_classify import Classifier, train
 
     run = root / f"run-{name}"
-    train(features, run, hidden=hidden, epochs=60, patience=8, progress=False, seed=0)
+    train(features, run, head="linear" if not hidden else "mlp", hidden=hidden, epochs=60, patience=8,
+          progress=False, seed=0)
     clf = Classifier.load(run)
     few = sorted(str(p) for p in held.rglob("*.png"))[:4]
     t = time.perf_counter()

@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     images = make_image_tree(root / "images", per_class=6)
     tiny = make_tiny_onnx(root / "tiny.onnx")
     extract(images, root / "features", onnx=tiny, input_size=32, progress=False, workers=1)
-    runs = {name: Path(train(root / "features", root / name, hidden=hidden, **FAST).run_dir)
+    runs = {name: Path(train(root / "features", root / name, head=name, hidden=hidden, **FAST).run_dir)
             for name, hidden in (("linear", ()), ("mlp", (16, 8)))}
     return dict(root=root, images=images, tiny=tiny, runs=runs)
 
