@@ -225,17 +225,11 @@ def _ceil(a: int, b: int) -> int:
 
 
 def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
-    """Source-pixel box that, resized to input_size², equals resize-shorter-side (rounded) then centre crop.
-
-    The per-axis scale and the crop offset are the textbook pipeline's (see ``reference_preprocess``),
-    so the result matches it pixel for pixel while resampling only the pixels that survive the crop.
-    """
-    scale = prep.resize / min(width, height)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    left = int(round((new_w - prep.input_size) / 2))
-    top = int(round((new_h - prep.input_size) / 2))
-    sx, sy = width / new_w, height / new_h
-    return (left * sx, top * sy, (left + prep.input_size) * sx, (top + prep.input_size) * sy)
+    """Source-pixel box that, resized to input_size², equals resize-shorter-side (rounded) then centre crop
+    (:meth:`Preprocessing.crop_box`, the textbook pipeline's per-axis scale and crop offset, see
+    ``reference_preprocess``): the result matches it pixel for pixel while resampling only the pixels that
+    survive the crop."""
+    return prep.crop_box(width, height)
 
 
 _TRUNCATED_FLAG = threading.Lock()

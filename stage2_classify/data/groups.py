@@ -30,15 +30,11 @@ def _present(values: np.ndarray) -> np.ndarray:
 
 
 def compile_group_regex(pattern: str) -> re.Pattern:
-    """A regex with exactly one capture group (the group's name), or a clear error."""
-    try:
-        regex = re.compile(pattern)
-    except re.error as exc:
-        raise ValueError(f"--group-regex {pattern!r} is not a valid regular expression: {exc}") from None
-    if regex.groups != 1:
-        raise ValueError(f"--group-regex {pattern!r} needs exactly one capture group (found {regex.groups}), "
-                         r"e.g. '(patient\d+)_' to group 'cat/patient07_scan2.png' as 'patient07'")
-    return regex
+    """A regex with exactly one capture group (the group's name), or a clear error: stage 1's own check, so both
+    stages read ``--group-regex`` the same way."""
+    from stage1_extract import compile_group_regex as stage1_compile
+
+    return stage1_compile(pattern)
 
 
 def _groups_from_file(path: str | os.PathLike, paths: np.ndarray) -> np.ndarray:
