@@ -79,14 +79,21 @@ def _ort_features(onnx_bytes_or_path, images: np.ndarray, providers: list[str]) 
     return sess.run([OUTPUT_NAME], {INPUT_NAME: images})[0]
 
 
+def _random_batch(prep: Preprocessing, n: int, seed: int):
+    """``n`` random uint8 NHWC images and the same, normalised as the graph does, as NCHW float torch input."""
+    import torch
+
+    images = np.random.default_rng(seed).integers(0, 256, size=(n, prep.input_size, prep.input_size, 3),
+                                                  dtype=np.uint8)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
+    return images, (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+
+
 def _verify(onnx_bytes: bytes, torch_model, prep: Preprocessing, precision: str, name: str) -> float:
     """Compare ORT and torch (fp32) on a random uint8 batch; return the relative error or raise."""
     import torch
 
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(3, prep.input_size, prep.input_size, 3), dtype=np.uint8)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+    images, x = _random_batch(prep, 3, seed=0)
     with torch.no_grad():
         reference = torch_model.float()(x).numpy()
     from stage1_extract.runtime.session import wants_gpu
@@ -118,10 +125,7 @@ def _verify_map(onnx_bytes: bytes, map_model, prep: Preprocessing, precision: st
     import onnxruntime as ort
     import torch
 
-    rng = np.random.default_rng(1)
-    images = rng.integers(0, 256, size=(2, prep.input_size, prep.input_size, 3), dtype=np.uint8)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).float()
-    x = (x - torch.tensor(prep.mean).view(1, 3, 1, 1)) / torch.tensor(prep.std).view(1, 3, 1, 1)
+    images, x = _random_batch(prep, 2, seed=1)
     with torch.no_grad():
         reference = map_model.float()(x).numpy()
     opts = ort.SessionOptions()
