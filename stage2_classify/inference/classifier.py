@@ -55,6 +55,11 @@ class Classifier:
         return self._run.metadata
 
     @property
+    def backbone_weights(self):
+        """A fine-tuned run's own backbone (its directory), used when no ``weights`` are given; else None."""
+        return getattr(self._run, "weights", None)
+
+    @property
     def model(self):
         """The Keras model: raw (n, D) float32 vectors in, class probabilities out."""
         return self._run.model
@@ -115,6 +120,7 @@ class Classifier:
                                     np.asarray(inputs.features, np.float32), [None] * n)
         if not isinstance(inputs, (list, tuple)) and _inputs.is_shard_dir(inputs):
             return _inputs.from_shards(inputs, self.metadata)
+        weights = weights if weights is not None else self.backbone_weights
         return _inputs.from_images(inputs, self.metadata, features=features, weights=weights, onnx=onnx,
                                    progress=progress, extract_fn=extract_fn, **stage1_options)
 
@@ -163,6 +169,7 @@ class Classifier:
 
         shards = inputs
         if isinstance(inputs, (list, tuple)) or not _inputs.is_shard_dir(inputs):
+            weights = weights if weights is not None else self.backbone_weights
             shards = _inputs.from_images(inputs, self.metadata, features=features, weights=weights,
                                          onnx=onnx, progress=progress).features_dir
         return evaluate(shards, self.run_dir, progress=progress, **kwargs)

@@ -117,6 +117,7 @@ class RunView:
 
         loaded = load_run(run)
         self.run_dir, self.metadata, self.model, self.classes = loaded.path, loaded.metadata, loaded.model, loaded.classes
+        self.backbone_weights = loaded.weights  # a fine-tuned run's own backbone
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         from stage2_classify.training.fit import predict_proba
@@ -141,6 +142,7 @@ def explain(classifier, images, *, target: str = "predicted", weights: str | os.
     if isinstance(classifier, (str, os.PathLike)):  # a run directory (the reports pass one)
         classifier = RunView(classifier)
     meta = classifier.metadata
+    weights = weights if weights is not None else getattr(classifier, "backbone_weights", None)
     steps = head_layers(classifier.model)
     target_indices(target, classifier.classes, np.zeros((0, len(classifier.classes))))  # a bad name fails first
     try:

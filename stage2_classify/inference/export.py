@@ -243,6 +243,7 @@ def export(classifier, out: str | os.PathLike, *, precision: str = "fp32", image
     if precision not in TOLERANCE:
         raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
     meta = classifier.metadata
+    weights = weights if weights is not None else getattr(classifier, "backbone_weights", None)
     backbone = find_model(meta, weights=weights, onnx=onnx, precision=precision, feature_map=heatmap)
     reference_backbone = backbone if precision == "fp32" else find_model(meta, weights=weights, onnx=onnx,
                                                                          precision="fp32", feature_map=heatmap)

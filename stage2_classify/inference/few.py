@@ -114,6 +114,10 @@ def predict_few(images, run: str | os.PathLike, *, top_k: int = 3, all_probabili
     classes = [str(c) for c in json.loads((path / "labels.json").read_text())]
     check_labels(path, classes)
     meta = ShardMetadata.from_json((path / "shard_metadata.json").read_text())
+    if weights is None:
+        from stage2_classify.runs.load import own_backbone
+
+        weights = own_backbone(path)  # a fine-tuned run: its own backbone, wherever the run now is
     try:
         steps = head_steps(path / "model.keras")
         model = find_model(meta, weights=weights, onnx=onnx)

@@ -58,6 +58,9 @@ class LoadedRun:
     model: object
     classes: list[str]
     metadata: ShardMetadata  # the stage-1 metadata of the shards the model was trained on
+    #: a fine-tuned run's own backbone (the run directory, holding finetune.json), else None: passed as
+    #: ``weights`` to ``stage1_extract.find_model`` / ``extract(backbone_from=…)``, so a moved run still works
+    weights: Path | None = None
 
 
 @renamed_keywords(run_dir="run", model="run", model_dir="run")
@@ -74,4 +77,9 @@ def load_run(run: str | os.PathLike) -> LoadedRun:
     if not isinstance(classes, list) or len(classes) != n_out:
         raise DatasetError(f"{path}: labels.json lists {len(classes)} classes but the model has {n_out} outputs")
     check_labels(path, classes)
-    return LoadedRun(path, model, [str(c) for c in classes], meta)
+    return LoadedRun(path, model, [str(c) for c in classes], meta, own_backbone(path))
+
+
+def own_backbone(path: Path) -> Path | None:
+    """``path`` when it is a fine-tuned run (its ``finetune.json`` describes its own backbone), else None."""
+    return path if (path / "finetune.json").is_file() else None

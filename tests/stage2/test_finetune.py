@@ -230,3 +230,28 @@ def test_finetune_on_a_gpu_with_mixed_precision_matches_the_cpu_path(frozen, tmp
     result = finetune(frozen / "frozen", tmp_path / "gpu", progress=False, device="cuda", **FAST)
     assert result.comparison["test_images"] > 0
     assert len(result.history["loss"]) == FAST["epochs"] and np.isfinite(result.history["loss"]).all()
+
+
+def test_a_moved_finetuned_run_still_predicts_exports_and_explains(frozen, tuned, tmp_path):
+    """The provenance names the directory the run was written to; a copy elsewhere uses its own backbone file."""
+    import shutil
+
+    from stage1_extract.model.export import cache_dir
+    from stage2_classify import Classifier
+
+    result, _ = tuned
+    moved = tmp_path / "elsewhere" / "tuned"
+    shutil.copytree(result.run_dir, moved)
+    for f in cache_dir().glob("*"):  # no cached export to fall back on: the backbone must be rebuilt from the copy
+        f.unlink()
+    original = tmp_path / "original"
+    shutil.move(result.run_dir, original)
+    try:
+        clf = Classifier.load(moved)
+        paths = sorted(str(p) for p in (frozen / "digits").glob("*/*.png"))[:3]
+        df = clf.predict(paths, progress=False)
+        assert df["error"].isna().all()
+        assert clf.explain(paths[:1])["heatmap"].iloc[0].max() <= 1
+        assert clf.export(tmp_path / "moved.onnx", images=paths).max_probability_difference <= 1e-4
+    finally:
+        shutil.move(original, result.run_dir)
