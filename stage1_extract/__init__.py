@@ -38,6 +38,7 @@ _PUBLIC = {
     "torch_backbone": "stage1_extract.model.finetuned",
     "read_finetuned": "stage1_extract.model.finetuned",
     "write_finetuned": "stage1_extract.model.finetuned",
+    "finetune_info_for": "stage1_extract.model.finetuned",
     "load_image": "stage1_extract.model.deploy",
     "Preprocessing": "stage1_extract.model.preprocessing",
 }

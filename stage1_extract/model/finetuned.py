@@ -50,8 +50,11 @@ def read_finetuned(path: str | os.PathLike, *, backbone=None, weights=None, onnx
         info = json.loads(info_path.read_text())
         if not isinstance(info, dict) or info.get("format") != FORMAT:
             raise ValueError(f"unknown format {info.get('format') if isinstance(info, dict) else info!r}")
+        provenance = dict(info.get("provenance") or {})
+        if not info.get("staging"):  # a run directory, wherever it is now (copied or moved since): the one read
+            provenance["directory"] = str(info_path.parent.absolute())
         tuned = FinetunedBackbone(str(info["backbone"]), str(info_path.parent / info["weights"]),
-                                  int(info["input_size"]), int(info["resize"]), dict(info.get("provenance") or {}))
+                                  int(info["input_size"]), int(info["resize"]), provenance)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"{info_path}: not a readable fine-tune description ({exc}); fine-tune again") from None
     get_backbone(tuned.backbone)  # still in the registry
@@ -100,9 +103,13 @@ def torch_backbone(backbone: str | None = None, *, weights: str | os.PathLike | 
     return TorchBackbone(spec, module, spec.preprocessing.at_size(input_size), source.weights_id, state)
 
 
-def write_finetuned(directory: str | os.PathLike, backbone: TorchBackbone, provenance: dict) -> dict:
+def write_finetuned(directory: str | os.PathLike, backbone: TorchBackbone, provenance: dict, *,
+                    staging: bool = False) -> dict:
     """Write ``backbone.safetensors`` and ``finetune.json`` into ``directory`` (atomically); returns the provenance
-    completed with the weights' hash, as the shards extracted with ``--backbone-from`` will carry it."""
+    completed with the weights' hash, as the shards extracted with ``--backbone-from`` will carry it.
+
+    ``staging``: ``directory`` is a working copy and ``provenance["directory"]`` the run directory it will be
+    copied to (stage 1 then records that one, not the working copy's)."""
     from safetensors.torch import save_file
 
     from shardformat import atomic_write_bytes, atomic_write_via_path
@@ -116,5 +123,12 @@ def write_finetuned(directory: str | os.PathLike, backbone: TorchBackbone, prove
     prep = backbone.preprocessing
     info = {"format": FORMAT, "backbone": backbone.spec.name, "weights": WEIGHTS_FILE,
             "input_size": prep.input_size, "resize": prep.resize, "provenance": full}
-    atomic_write_bytes(directory / FINETUNE_FILE, json.dumps(info, indent=1).encode())
+    atomic_write_bytes(directory / FINETUNE_FILE, json.dumps({**info, "staging": staging}, indent=1).encode())
     return full
+
+
+def finetune_info_for(directory: str | os.PathLike) -> bytes:
+    """``finetune.json`` of a staging copy as the run directory keeps it (no ``staging`` mark)."""
+    info = json.loads((Path(directory) / FINETUNE_FILE).read_text())
+    info.pop("staging", None)
+    return json.dumps(info, indent=1).encode()

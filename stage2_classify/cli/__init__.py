@@ -39,13 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "check", None):
         args.check(parser, args)
     from shardformat import ShardFormatError
+    from stage1_extract.errors import Stage1Error
+    from stage2_classify.errors import Stage2Error
 
     try:
         args.handler(args)
     except KeyboardInterrupt:
         print("interrupted: nothing half-written was left behind", file=sys.stderr)
         return 130
-    except (OSError, ValueError, RuntimeError, ShardFormatError) as exc:
+    except (OSError, ValueError, RuntimeError, ShardFormatError, Stage2Error, Stage1Error) as exc:
         print(f"stage2-classify: error: {exc}", file=sys.stderr)
         return 1
     return 0

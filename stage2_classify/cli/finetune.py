@@ -40,5 +40,8 @@ def add_parser(sub) -> None:
 def run_finetune(args) -> None:
     from stage2_classify.finetuning.api import finetune
 
-    finetune(args.run, args.out, images=args.images, features=args.features, resume=args.resume,
-             progress=args.progress, options=options_from_args(FinetuneOptions, args))
+    try:
+        finetune(args.run, args.out, images=args.images, features=args.features, resume=args.resume,
+                 progress=args.progress, options=options_from_args(FinetuneOptions, args))
+    except KeyboardInterrupt:  # finetune said what was kept and how to continue
+        raise SystemExit(130) from None

@@ -46,7 +46,8 @@ def _backbone(loaded, input_size):
     if meta.provenance.get("kind") == "finetuned":
         from stage1_extract import read_finetuned
 
-        weights = read_finetuned(meta.provenance.get("directory") or loaded.path).weights
+        own = loaded.path if (loaded.path / "finetune.json").is_file() else meta.provenance.get("directory")
+        weights = read_finetuned(own).weights  # a moved run: its own file first
     tb = torch_backbone(meta.backbone, weights=weights, input_size=input_size or meta.preprocessing["input_size"])
     if weights is None and tb.weights_id != meta.weights_id:
         raise Stage2Error(f"{loaded.path}: its vectors were made with other weights ({meta.weights_id[:24]}) than "
@@ -120,6 +121,42 @@ def _class_weights(run: Path, y: np.ndarray) -> np.ndarray | None:
     return None if not used else np.asarray([used[str(int(c))] for c in y], np.float32)
 
 
+def check_options(opts: FinetuneOptions) -> None:
+    """Refuse options that cannot train, before anything is read."""
+    bad = [(f"--epochs {opts.epochs}", opts.epochs < 1), (f"--batch-size {opts.batch_size}", opts.batch_size < 1),
+           (f"--lr {opts.learning_rate}", not opts.learning_rate > 0), (f"--patience {opts.patience}", opts.patience < 1),
+           (f"--head-lr-scale {opts.head_lr_scale}", not opts.head_lr_scale > 0),
+           (f"--warmup {opts.warmup}", not 0 <= opts.warmup < 1),
+           (f"--label-smoothing {opts.label_smoothing}", not 0 <= opts.label_smoothing < 1),
+           (f"--weight-decay {opts.weight_decay}", opts.weight_decay < 0)]
+    wrong = [flag for flag, is_bad in bad if is_bad]
+    if wrong:
+        raise Stage2Error(f"{', '.join(wrong)}: epochs, batch size and patience are at least 1, learning rates "
+                          "positive, warm-up and label smoothing in [0, 1), weight decay not negative")
+
+
+def check_targets(run: Path, out: Path, features: Path, resume: bool) -> None:
+    """``out`` must not be the run fine-tuned from (its baseline) nor inside it; an earlier fine-tune's vectors in
+    ``features`` are not silently mixed with (or replaced by) this one's."""
+    run = run.absolute()
+    if out == run or run in out.parents:
+        raise Stage2Error(f"--out {out} is (inside) the run being fine-tuned: it is the frozen baseline the result "
+                          "is compared with; choose another --out")
+    import shardformat
+
+    if not resume and features.is_dir() and any(features.glob(f"{shardformat.SHARD_PREFIX}*.parquet")):
+        raise Stage2Error(f"{features} already holds feature shards (an earlier fine-tune's?): the new backbone's "
+                          "vectors cannot join them; pass --features NEW_FOLDER or delete that folder")
+
+
+def check_unfreeze(tb, unfreeze: str) -> None:
+    """``last:K`` within the backbone's blocks, said before decoding."""
+    from stage2_classify.finetuning.model import blocks
+
+    if unfreeze.startswith("last:") and int(unfreeze.split(":")[1]) > len(blocks(tb.module)):
+        raise Stage2Error(f"--unfreeze {unfreeze}: {tb.spec.name} has {len(blocks(tb.module))} blocks")
+
+
 def check_workdir(workdir: Path, opts: FinetuneOptions, resume: bool):
     """The interrupted fine-tune in ``workdir`` to resume (None: start afresh); refuses to start over one
     silently, or to resume one with other options."""
@@ -131,7 +168,8 @@ def check_workdir(workdir: Path, opts: FinetuneOptions, resume: bool):
         raise Stage2Error(f"{workdir} holds an interrupted fine-tune ({state.epochs_done} of {opts.epochs} epochs "
                           "done): pass --resume (resume=True) to continue it, or delete that folder to start over")
     defaults = dataclasses.asdict(FinetuneOptions())  # an option added since the checkpoint: its default
-    changed = sorted(k for k in wanted if state is not None and state.options.get(k, defaults[k]) != wanted[k])
+    changed = sorted(k for k in wanted if state is not None and k != "device"  # a GPU run may finish on a CPU
+                     and state.options.get(k, defaults[k]) != wanted[k])
     if changed:
         raise Stage2Error(f"{workdir}: the interrupted fine-tune used other options ({', '.join(changed)}); resume "
                           "with the same options or delete that folder to start over")
@@ -161,8 +199,13 @@ def _fit(model, layer, head, train, val, opts, workdir: Path, resume: bool, prog
     callback = ck.EpochCheckpoint(workdir, layer, head, state, monitor="val_loss" if val_batches else "loss",
                                   patience=opts.patience, clock=lambda: before + time.perf_counter() - t0)
     if state.epochs_done < opts.epochs and state.wait < opts.patience:
+        import keras
+
         model.fit(batches, validation_data=val_batches, epochs=opts.epochs, initial_epoch=state.epochs_done,
-                  callbacks=[callback], verbose=keras_verbosity(progress))
+                  callbacks=[keras.callbacks.TerminateOnNaN(), callback], verbose=keras_verbosity(progress))
+    if not (workdir / ck.BEST).is_file():
+        raise Stage2Error(f"the fine-tune diverged: no epoch gave a finite {callback.monitor.replace('_', ' ')} "
+                          f"(learning rate {opts.learning_rate:g}); lower --lr, and delete {workdir} to start over")
     ck.restore(workdir / ck.BEST, layer, head)
     return state
 
@@ -196,14 +239,17 @@ def finetune(run: str | os.PathLike, out: str | os.PathLike, *, images=None, fea
     from stage2_classify.runs.load import load_run
 
     opts = dataclasses.replace(options or FinetuneOptions(), **overrides)
+    check_options(opts)
     out = Path(out).expanduser().absolute()
     workdir = Path(f"{out}.checkpoints")
-    features = Path(features) if features is not None else Path(f"{out}.features")
-    check_workdir(workdir, opts, resume)  # before minutes of decoding
+    features = Path(features if features is not None else f"{out}.features").expanduser().absolute()
+    check_workdir(workdir, opts, resume)  # all before minutes of decoding
     loaded = load_run(run)
+    check_targets(loaded.path, out, features, resume)
     rows = run_rows(loaded.path, images)
     device = _device(opts.device)
     tb = _backbone(loaded, opts.input_size)
+    check_unfreeze(tb, opts.unfreeze)
     train, val = (decode_rows(rows, rows.take(s), tb.preprocessing) for s in ("train", "validation"))
     notes = [n for n in (summarise_skips(s, p.skipped, len(rows.take(s))) for s, p in
                          (("train", train), ("validation", val))) if n]

@@ -102,7 +102,11 @@ class EpochCheckpoint(_callback_base()):
         epochs an uninterrupted one would have run."""
         import keras
 
-        keras.utils.set_random_seed(int(self.state.options.get("seed", 0)) * 1000 + epoch)
+        seed = int(self.state.options.get("seed", 0)) * 1000 + epoch
+        keras.utils.set_random_seed(seed)
+        for i, layer in enumerate(self.model.layers):  # augmentation layers keep their own generator state
+            for gen in (v for v in vars(layer).values() if isinstance(v, keras.random.SeedGenerator)):
+                gen.state.assign(np.asarray([seed, i], dtype=gen.state.dtype))
 
     def on_epoch_end(self, epoch: int, logs=None) -> None:
         logs = logs or {}

@@ -75,4 +75,9 @@ def format_comparison(c: dict) -> list[str]:
             f"  fine-tuned test accuracy {acc(c['finetuned'])}  macro-F1 {c['finetuned']['macro_f1']:.3f}",
             f"  difference {d['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
             + f" (paired bootstrap 95%); McNemar exact p = {d['mcnemar_p']:.3g} "
-            f"({d['only_finetuned_right']} images right only after fine-tuning, {d['only_frozen_right']} only before)"]
+            f"({_images(d['only_finetuned_right'])} right only after fine-tuning, {d['only_frozen_right']} only "
+            "before)"]
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")

@@ -131,7 +131,11 @@ class TwoRateAdamW(keras.optimizers.Optimizer):
         for opt, idx in ((self.head, hd), (self.backbone, bb)):
             chosen = [variables[i] for i in idx]
             opt.build(chosen)
-            opt.exclude_from_weight_decay(var_list=[v for v in chosen if len(v.shape) <= 1])
+            flat = [v for v in chosen if len(v.shape) <= 1]
+            if len(flat) == len(chosen) or not opt.weight_decay:  # nothing to decay (--unfreeze bn): no empty call
+                opt.weight_decay = None
+            else:
+                opt.exclude_from_weight_decay(var_list=flat)
         super().build(variables)
 
     def apply(self, grads, trainable_variables=None):

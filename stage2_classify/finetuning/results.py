@@ -16,7 +16,6 @@ from pathlib import Path
 
 from stage2_classify.finetuning.compare import compare_with_frozen, format_comparison
 
-BACKBONE_FILES = ("backbone.safetensors", "finetune.json")
 
 
 @dataclasses.dataclass
@@ -46,7 +45,7 @@ def write_finetuned_run(loaded, rows, tb, *, model_head, state, opts, out: Path,
     provenance = {"run": os.fspath(loaded.path.absolute()), "directory": os.fspath(out),
                   "base_weights_id": loaded.metadata.weights_id, "split_sha256": split_sha256,
                   "epochs": state.epochs_done, "best_epoch": state.best_epoch, "unfreeze": opts.unfreeze}
-    write_finetuned(tuned_dir, tb, provenance)
+    write_finetuned(tuned_dir, tb, provenance, staging=True)
     summary = extract_fn(rows, tuned_dir, features, progress)
     ds = load_dataset(features)
     split = split_from_file(ds.paths, loaded.path / "split.csv", content_ids=ds.content_ids)
@@ -60,8 +59,10 @@ def write_finetuned_run(loaded, rows, tb, *, model_head, state, opts, out: Path,
         loaded.path.absolute())}
     writer = RunWriter(out)
     try:
-        for name in BACKBONE_FILES:
-            shutil.copyfile(tuned_dir / name, writer.path(name))
+        from stage1_extract import finetune_info_for
+
+        shutil.copyfile(tuned_dir / "backbone.safetensors", writer.path("backbone.safetensors"))
+        writer.write_text("finetune.json", finetune_info_for(tuned_dir).decode())
         writer.write_json("comparison.json", comparison)
         final = write_run(writer, shards=features, ds=ds, split=split, notes=notes, opts=opts, fitted=fitted,
                           metrics=metrics, proba=proba, split_info=info,

@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "data"))
 pytestmark = pytest.mark.slow
 
 FAST = dict(input_size=32, epochs=2, batch_size=8, augment="none", patience=5)
+AUG = {**FAST, "augment": "medical"}  # the resume test: augmentation must repeat exactly too
 
 
 @pytest.fixture(scope="module")
@@ -181,20 +182,21 @@ def test_resume_after_an_interruption_continues_where_it_stopped(frozen, tmp_pat
     checkpoint.EpochCheckpoint.on_epoch_end = stop_after_first
     try:
         with pytest.raises(KeyboardInterrupt):
-            finetune(frozen / "frozen", out, progress=False, **{**FAST, "epochs": 3})
+            finetune(frozen / "frozen", out, progress=False, **{**AUG, "epochs": 3})
     finally:
         checkpoint.EpochCheckpoint.on_epoch_end = original
     assert not out.exists()
     state = json.loads((tmp_path / "tuned.checkpoints" / "state.json").read_text())
     assert state["epochs_done"] == 1
     with pytest.raises(Stage2Error, match="--resume"):
-        finetune(frozen / "frozen", out, progress=False, **{**FAST, "epochs": 3})
+        finetune(frozen / "frozen", out, progress=False, **{**AUG, "epochs": 3})
     with pytest.raises(Stage2Error, match="other options"):
-        finetune(frozen / "frozen", out, progress=False, resume=True, **{**FAST, "epochs": 4})
-    resumed = finetune(frozen / "frozen", out, progress=False, resume=True, **{**FAST, "epochs": 3})
+        finetune(frozen / "frozen", out, progress=False, resume=True, **{**AUG, "epochs": 4})
+    resumed = finetune(frozen / "frozen", out, progress=False, resume=True, **{**AUG, "epochs": 3})
     assert len(resumed.history["loss"]) == 3
     assert not (tmp_path / "tuned.checkpoints").exists()
-    uninterrupted = finetune(frozen / "frozen", tmp_path / "straight", progress=False, **{**FAST, "epochs": 3})
+    uninterrupted = finetune(frozen / "frozen", tmp_path / "straight", progress=False, **{**AUG, "epochs": 3})
+    np.testing.assert_allclose(resumed.history["loss"], uninterrupted.history["loss"], rtol=1e-3)
     np.testing.assert_allclose(resumed.history["val_loss"], uninterrupted.history["val_loss"], rtol=1e-3)
 
 
@@ -255,3 +257,27 @@ def test_a_moved_finetuned_run_still_predicts_exports_and_explains(frozen, tuned
         assert clf.export(tmp_path / "moved.onnx", images=paths).max_probability_difference <= 1e-4
     finally:
         shutil.move(original, result.run_dir)
+
+
+def test_unfreeze_bn_trains_only_batchnorm(frozen, tmp_path):
+    from stage2_classify import finetune
+
+    result = finetune(frozen / "frozen", tmp_path / "bn", progress=False, unfreeze="bn", **{**FAST, "epochs": 1})
+    assert json.loads((Path(result.run_dir) / "config.json").read_text())["unfreeze"] == "bn"
+
+
+def test_refusals_come_before_any_work_and_the_cli_says_them_plainly(frozen, tuned, tmp_path, capsys):
+    from stage2_classify import Stage2Error, finetune
+    from stage2_classify.cli import main
+
+    with pytest.raises(Stage2Error, match="frozen baseline"):
+        finetune(frozen / "frozen", frozen / "frozen", progress=False, **FAST)
+    with pytest.raises(Stage2Error, match="--epochs 0"):
+        finetune(frozen / "frozen", tmp_path / "x", progress=False, **{**FAST, "epochs": 0})
+    with pytest.raises(Stage2Error, match="blocks"):
+        finetune(frozen / "frozen", tmp_path / "x", progress=False, unfreeze="last:99", **FAST)
+    result, _ = tuned  # its OUT.features is there: a second fine-tune into the same --out must not mix with it
+    assert main(["finetune", "--run", str(frozen / "frozen"), "--out", result.run_dir, "--input-size", "32"]) == 1
+    err = capsys.readouterr().err
+    assert "already holds feature shards" in err and "Traceback" not in err
+    assert not (tmp_path / "x.checkpoints").exists()
