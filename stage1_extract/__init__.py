@@ -33,6 +33,7 @@ _PUBLIC = {
     "load_pixels": "stage1_extract.pixels",
     "is_dicom_file": "stage1_extract.pixels",
     "content_id": "stage1_extract.decoding.files",
+    "split_frame_ref": "stage1_extract.decoding.files",
     "compile_group_regex": "stage1_extract.inputs.groups",
     "TorchBackbone": "stage1_extract.model.finetuned",
     "torch_backbone": "stage1_extract.model.finetuned",

@@ -71,14 +71,14 @@ def load_pixels(images, preprocessing: Preprocessing | dict, *, limit: int | Non
     ``images``: one image file (a DICOM file without an extension too), a folder or file list, or a list of
     paths; ``preprocessing``: a :class:`Preprocessing` or its dict. ``limit`` keeps that many images.
     """
-    from stage1_extract.decoding.files import DecodeError, read_file
+    from stage1_extract.decoding.files import DecodeError, read_file, split_frame_ref
     from stage1_extract.decoding.image import decode_image
 
     prep = as_preprocessing(preprocessing)
     rows, ok, errors = [], [], []
     for path in image_paths(images, limit=limit):
-        try:
-            rows.append(decode_image(read_file(path), prep))
+        try:  # "scan.dcm#frame=3": that frame of a multi-frame DICOM, as stage 1 extracted it
+            rows.append(decode_image(read_file(path), prep, frame=split_frame_ref(os.fspath(path))[1]))
             ok.append(path)
         except DecodeError as exc:
             errors.append((path, str(exc)))

@@ -90,12 +90,12 @@ class Pixels:
 
 def decode_rows(rows: RunRows, which: np.ndarray, preprocessing) -> Pixels:
     """Decode the files of ``which`` exactly as stage 1 does; files gone, unreadable or changed are skipped."""
-    from stage1_extract import content_id, load_pixels
+    from stage1_extract import content_id, load_pixels, split_frame_ref
 
     ok, skipped = [], []
     for i in which:
-        try:
-            with open(rows.files[i], "rb") as fh:
+        try:  # a frame row ("scan.dcm#frame=3") has its file's content id
+            with open(split_frame_ref(rows.files[i])[0], "rb") as fh:
                 data = fh.read()
         except OSError as exc:
             skipped.append((rows.files[i], f"cannot be read ({exc.strerror or exc})"))

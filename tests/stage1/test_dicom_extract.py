@@ -178,3 +178,19 @@ def test_file_list_rows_may_name_single_frames_and_the_cli_options(tmp_path, tin
     assert fs.groups[0] == group_id(str(two.StudyInstanceUID), SALT.encode(), "study")
     assert errors(out) == {"two.dcm#frame=3": "DICOM frame 3 asked for; the file has 2"}
     assert "SECRETPID" not in capsys.readouterr().out
+
+
+def test_load_pixels_decodes_the_frame_a_row_names(tmp_path, tiny):
+    """``scan.dcm#frame=2`` rows (``dicom_frames="all"``) through the deploy loader: the frame stage 1 extracted,
+    not the first one (before: every frame row decoded frame 1, silently)."""
+    from stage1_extract import load_pixels
+    from stage1_extract.model.preprocessing import Preprocessing
+
+    root = tmp_path / "frames"
+    root.mkdir()
+    pydicom.dcmread(pydicom.data.get_testdata_file("SC_rgb_rle_2frame.dcm", download=False)).save_as(root / "two.dcm")
+    prep = Preprocessing(input_size=32, resize=37)
+    got = load_pixels([str(root / "two.dcm#frame=1"), str(root / "two.dcm#frame=2")], prep)
+    assert not got.errors and got.array.shape == (2, 32, 32, 3)
+    assert not np.array_equal(got.array[0], got.array[1])
+    assert np.array_equal(got.array[0], load_pixels([str(root / "two.dcm")], prep).array[0])
