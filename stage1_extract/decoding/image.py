@@ -224,14 +224,6 @@ def _ceil(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def _crop_box(width: int, height: int, prep: Preprocessing) -> tuple[float, float, float, float]:
-    """Source-pixel box that, resized to input_size², equals resize-shorter-side (rounded) then centre crop
-    (:meth:`Preprocessing.crop_box`, the textbook pipeline's per-axis scale and crop offset, see
-    ``reference_preprocess``): the result matches it pixel for pixel while resampling only the pixels that
-    survive the crop."""
-    return prep.crop_box(width, height)
-
-
 _TRUNCATED_FLAG = threading.Lock()
 
 
@@ -286,7 +278,7 @@ def decode_image(data: bytes, prep: Preprocessing, *, draft: bool = False, frame
             out = img.resize(
                 (prep.input_size, prep.input_size),
                 resample=_RESAMPLE[prep.interpolation],
-                box=_crop_box(w, h, prep),
+                box=prep.crop_box(w, h),  # the textbook resize-then-crop's box, resampling only what survives
             )
             arr = np.asarray(out if out.mode == "RGB" else out.convert("RGB"), dtype=np.uint8)
         except DecodeError:

@@ -34,7 +34,7 @@ def _is_jpeg(data: bytes) -> bool:
 
 def resize_crop(img, prep: Preprocessing):
     """(3, H, W) uint8 tensor → (S, S, 3) uint8 on the same device: shorter side to ``resize`` (rounded),
-    centre crop, antialiased — the PIL decoder's geometry (``decode._crop_box``)."""
+    centre crop, antialiased — the PIL decoder's geometry (``Preprocessing.crop_box``)."""
     import torch
 
     return resize_crop_float(img, prep).round_().clamp_(0, 255).to(torch.uint8)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 
 import numpy as np
 
@@ -27,14 +26,6 @@ MAJORITY_GAP = 0.10  # test majority-class rate this far from the whole set's: t
 
 def _present(values: np.ndarray) -> np.ndarray:
     return np.array([v is not None and v == v and v != "" for v in values], dtype=bool)
-
-
-def compile_group_regex(pattern: str) -> re.Pattern:
-    """A regex with exactly one capture group (the group's name), or a clear error: stage 1's own check, so both
-    stages read ``--group-regex`` the same way."""
-    from stage1_extract import compile_group_regex as stage1_compile
-
-    return stage1_compile(pattern)
 
 
 def _groups_from_file(path: str | os.PathLike, paths: np.ndarray) -> np.ndarray:
@@ -60,6 +51,8 @@ def groups_for(paths: np.ndarray, current: np.ndarray, *, group_regex: str | Non
         return current
     new = np.full(len(paths), None, dtype=object)
     if group_regex is not None:
+        from stage1_extract import compile_group_regex  # stage 1's own check: both stages read it the same way
+
         regex = compile_group_regex(group_regex)
         for i, p in enumerate(paths):
             found = regex.search(str(p))

@@ -81,7 +81,7 @@ def _starting_head(loaded, tb, opts, workdir: Path, train, val, rows, resume: bo
     (``head_init="random"``, plain fine-tuning, for comparison) a freshly initialised one."""
     import keras
 
-    from stage2_classify.finetuning.model import FrozenStatsBackbone, pooled_vectors, set_trainable
+    from stage2_classify.finetuning.model import FrozenStatsBackbone, pooled_vectors
 
     saved = workdir / "head.keras"
     if resume and saved.is_file():
@@ -89,16 +89,16 @@ def _starting_head(loaded, tb, opts, workdir: Path, train, val, rows, resume: bo
     same_size = tb.preprocessing.input_size == loaded.metadata.preprocessing["input_size"]
     if same_size and opts.head_init == "probe":
         return loaded.model
-    module = tb.module.to(device)
-    set_trainable(module, "all", tb.preprocessing.input_size)
+    module = tb.module.to(device)  # frozen here: only its vectors, without gradients (build_model sets what trains)
     layer = FrozenStatsBackbone(module, tb.preprocessing.mean, tb.preprocessing.std, tb.spec.feature_dim)
     if opts.head_init == "random":
         from stage2_classify.training.fit import column_stats
         from stage2_classify.training.head import build_head
 
         mean, var = column_stats(pooled_vectors(layer, train.x))
-        head = build_head(tb.spec.feature_dim, len(rows.classes), hidden=_train_options(loaded).hidden,
-                          dropout=_train_options(loaded).dropout, mean=mean, variance=var)
+        frozen_opts = _train_options(loaded)
+        head = build_head(tb.spec.feature_dim, len(rows.classes), hidden=frozen_opts.hidden,
+                          dropout=frozen_opts.dropout, mean=mean, variance=var)
     else:
         head = _linear_probe(loaded, layer, train, val, rows, progress)
     workdir.mkdir(parents=True, exist_ok=True)

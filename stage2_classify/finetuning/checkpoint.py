@@ -19,7 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from shardformat import atomic_write_bytes, atomic_write_via_path
+from stage2_classify.backend import check_backend
 from stage2_classify.errors import Stage2Error
+
+check_backend()
+import keras  # noqa: E402
 
 LAST, BEST, STATE = "last.safetensors", "best.safetensors", "state.json"
 
@@ -82,26 +86,18 @@ def restore(path: Path, layer, head, optimizer=None) -> None:
             var.assign(arrays[f"opt.{i}"].reshape(tuple(var.shape)))
 
 
-def _callback_base():
-    import keras
-
-    return keras.callbacks.Callback
-
-
-class EpochCheckpoint(_callback_base()):
+class EpochCheckpoint(keras.callbacks.Callback):
     """After every epoch: history, early stopping on ``monitor`` (lower is better), best and last checkpoints."""
 
     def __init__(self, directory: Path, layer, head, state: TrainingState, *, monitor: str, patience: int,
-                 batches=None, clock=None):
+                 clock=None):
         super().__init__()
         self.directory, self.layer, self.head, self.state = directory, layer, head, state
-        self.monitor, self.patience, self.batches, self.clock = monitor, patience, batches, clock
+        self.monitor, self.patience, self.clock = monitor, patience, clock
 
     def on_epoch_begin(self, epoch: int, logs=None) -> None:
         """Dropout and augmentation draw from a generator seeded per epoch: a resumed run repeats the very
         epochs an uninterrupted one would have run."""
-        import keras
-
         seed = int(self.state.options.get("seed", 0)) * 1000 + epoch
         keras.utils.set_random_seed(seed)
         for i, layer in enumerate(self.model.layers):  # augmentation layers keep their own generator state
